@@ -1,0 +1,1 @@
+"""Engine adapters, the runtime catalogue and accelerator detection."""
