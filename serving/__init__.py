@@ -1,0 +1,1 @@
+"""Enginehouse control plane, data plane (Ray Serve replicas) and CLI."""

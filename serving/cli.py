@@ -1,0 +1,111 @@
+"""The `enginehouse` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.settings import Settings, check_exposure
+
+
+def _cmd_runtimes(args: argparse.Namespace) -> int:
+    from runtimes.catalogue import print_catalogue
+
+    print_catalogue(args.json)
+    return 0
+
+
+def _read_input(path: Path) -> Any:
+    """An input file: ``.npy`` (one tensor for a one-input model), ``.npz`` (named) or OIP v2 / instances JSON."""
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return json.loads(path.read_text())
+
+
+async def _predict(model_dir: Path, input_path: Path) -> dict[str, Any]:
+    from runtimes.registry import load_model
+    from serving.dataplane.codec import decode_request, encode_response
+
+    adapter = await load_model(model_dir)
+    try:
+        data = _read_input(input_path)
+        if isinstance(data, np.ndarray):
+            assert adapter.signature is not None
+            inputs, meta = {adapter.signature.inputs[0].name: data}, {}
+        elif isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
+            inputs, meta = data, {}
+        else:
+            inputs, meta = decode_request(adapter.name, data, adapter.signature)
+        outputs = await adapter.infer(inputs)
+        return encode_response(adapter.name, None, outputs, meta)
+    finally:
+        await adapter.unload()
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from runtimes.errors import EnginehouseError
+
+    try:
+        print(json.dumps(asyncio.run(_predict(Path(args.path), Path(args.input)))))
+    except EnginehouseError as exc:
+        print(f"error {exc.error_code}: {exc.message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read input {args.input}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    check_exposure(settings)
+    from serving.launcher import run_up
+
+    return run_up(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="enginehouse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("runtimes", help="print the runtime catalogue (engines, runtimes, accelerators)")
+    p.add_argument("--json", action="store_true", help="the ai-engine-runtimes JSON instead of a table")
+    p.set_defaults(func=_cmd_runtimes)
+
+    p = sub.add_parser("predict", help="load one model version in-process and print the OIP v2 response")
+    p.add_argument("path", help="a model version folder (with config.json)")
+    p.add_argument("--input", required=True, help=".npy, .npz, or a JSON OIP v2 request / instances")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("up", help="start Ray, Ray Serve and the control plane, serving the example models")
+    p.add_argument("--host", help="control-plane bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="control-plane port (default 8080)")
+    p.add_argument("--data-host", dest="data_host", help="data-plane bind address (default 127.0.0.1)")
+    p.add_argument("--data-port", dest="data_port", type=int, help="data-plane port (default 8000)")
+    p.add_argument("--model-repository", dest="model_repository", help="model repository folder")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join this Ray cluster")
+    p.add_argument("--num-cpus", dest="num_cpus", type=float, help="CPUs for the embedded Ray")
+    p.set_defaults(func=_cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `enginehouse` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The control plane: management API over FastAPI."""
