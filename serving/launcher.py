@@ -87,6 +87,9 @@ def run_up(settings: Settings) -> int:
                  settings.data_host, settings.data_port)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
-        serve.shutdown()
+        if settings.address:  # a joined cluster is not ours to stop: remove only our applications
+            for sid in services:
+                serve.delete(sid, _blocking=False)  # noqa: SLF001
+        # the embedded Ray takes its Serve actors down with it (serve.shutdown() first waits 30 s here)
         ray.shutdown()
     return 0

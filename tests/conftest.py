@@ -32,7 +32,8 @@ def serve_instance() -> Iterator[str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    # ray.shutdown() stops Serve's actors with the cluster; serve.shutdown() first would wait 30 s for
+    # the HAProxy-mode controller here
     ray.shutdown()
 
 
