@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,11 @@ def run_up(settings: Settings) -> int:
         app = create_app(services, f"http://{settings.data_host}:{settings.data_port}")
         log.info("control plane on http://%s:%d, data plane on http://%s:%d", settings.host, settings.port,
                  settings.data_host, settings.data_port)
+        # uvicorn turns SIGINT/SIGTERM into a graceful stop, then re-raises the signal into the handler it
+        # found; Ray's driver handler would turn that into exit status 15. A clean stop is a success, so
+        # the handler uvicorn restores is a no-op and the `finally` below does the shutting down.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
         if settings.address:  # a joined cluster is not ours to stop: remove only our applications
