@@ -28,8 +28,10 @@ def discover(repository: Path) -> dict[str, dict[str, Any]]:
         services[model_dir.name] = {
             "service_name": model_dir.name,
             "model_name": model_dir.name,
-            "versions": [{"version": v.name, "model_dir": str(v), "weight": share + (1 if i < rest else 0)}
-                         for i, v in enumerate(versions)],
+            "versions": [
+                {"version": v.name, "model_dir": str(v), "weight": share + (1 if i < rest else 0)}
+                for i, v in enumerate(versions)
+            ],
         }
     return services
 
@@ -49,28 +51,30 @@ def start_ray(settings: Settings) -> None:
         from runtimes.accelerators import ray_resources
 
         res = ray_resources()
-        ray.init(num_cpus=settings.num_cpus or os.cpu_count(), num_gpus=res.get("num_gpus", 0),
-                 resources=res.get("resources") or None, include_dashboard=False)
+        ray.init(
+            num_cpus=settings.num_cpus or os.cpu_count(),
+            num_gpus=res.get("num_gpus", 0),
+            resources=res.get("resources") or None,
+            include_dashboard=False,
+        )
     serve.start(http_options={"host": settings.data_host, "port": settings.data_port})
 
 
 def deploy(services: dict[str, dict[str, Any]], replica_cpus: float) -> None:
     """Deploy every service as its own Ray Serve application under ``/v1/infers/{service_id}``."""
-    from ray import serve
-
-    from serving.dataplane.replica import build_app
+    from serving.dataplane import deploy as serve_apps
 
     for sid, svc in services.items():
-        app = build_app(sid, svc["versions"], num_cpus=replica_cpus)
-        serve.run(app, name=sid, route_prefix=f"/v1/infers/{sid}", blocking=False)
+        serve_apps.put(serve_apps.service_app(sid, svc["versions"], num_cpus=replica_cpus))
         log.info("deploying service %s (%d version(s))", sid, len(svc["versions"]))
+    for sid in services:
+        serve_apps.wait_running(sid)
 
 
 def run_up(settings: Settings) -> int:
     """Start everything and serve until Ctrl-C or SIGTERM, then shut it all down."""
     import ray
     import uvicorn
-    from ray import serve
 
     from serving.controlplane.app import create_app
 
@@ -84,8 +88,13 @@ def run_up(settings: Settings) -> int:
     try:
         deploy(services, settings.replica_cpus)
         app = create_app(services, f"http://{settings.data_host}:{settings.data_port}")
-        log.info("control plane on http://%s:%d, data plane on http://%s:%d", settings.host, settings.port,
-                 settings.data_host, settings.data_port)
+        log.info(
+            "control plane on http://%s:%d, data plane on http://%s:%d",
+            settings.host,
+            settings.port,
+            settings.data_host,
+            settings.data_port,
+        )
         # uvicorn turns SIGINT/SIGTERM into a graceful stop, then re-raises the signal into the handler it
         # found; Ray's driver handler would turn that into exit status 15. A clean stop is a success, so
         # the handler uvicorn restores is a no-op and the `finally` below does the shutting down.
@@ -94,8 +103,10 @@ def run_up(settings: Settings) -> int:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
         if settings.address:  # a joined cluster is not ours to stop: remove only our applications
+            from serving.dataplane import deploy as serve_apps
+
             for sid in services:
-                serve.delete(sid, _blocking=False)  # noqa: SLF001
+                serve_apps.remove(sid)
         # the embedded Ray takes its Serve actors down with it (serve.shutdown() first waits 30 s here)
         ray.shutdown()
     return 0

@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+# A removed direct-ingress replica drains 30 s by default so outside load balancers can stop sending; on
+# loopback HAProxy is reloaded at once, and tests remove many applications.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 
 
 def free_port() -> int:
@@ -28,6 +31,10 @@ def serve_instance() -> Iterator[str]:
     import ray
     from ray import serve
 
+    # HAProxy mode's stats and metrics frontends have fixed default ports: move them so a second Serve
+    # (a user's `enginehouse up`, or the one test_up starts) can run beside this one
+    os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -30,8 +30,7 @@ def _placement(num_cpus: float) -> Placement:
 
     gpu_ids = tuple(int(g) for g in ray.get_gpu_ids()) if ray.is_initialized() else ()
     # Ray sets CUDA_VISIBLE_DEVICES for the replica, so its first visible GPU is always cuda:0.
-    return Placement(device="cuda:0" if gpu_ids else "cpu", cpu_threads=max(1, round(num_cpus)),
-                     gpu_ids=gpu_ids)
+    return Placement(device="cuda:0" if gpu_ids else "cpu", cpu_threads=max(1, round(num_cpus)), gpu_ids=gpu_ids)
 
 
 def _error(exc: EnginehouseError) -> Response:
@@ -41,13 +40,17 @@ def _error(exc: EnginehouseError) -> Response:
 class ServiceReplica:
     """Serves one service: every version's adapter loaded side by side, chosen per request by weight."""
 
-    async def __init__(self, service: str, versions: list[dict[str, Any]], num_cpus: float = 1.0) -> None:
+    # Ray Serve awaits an async constructor, so loading every engine never blocks the replica's loop
+    async def __init__(  # type: ignore[misc]
+        self, service: str, versions: list[dict[str, Any]], num_cpus: float = 1.0
+    ) -> None:
         self.service = service
         self.adapters: dict[str, ModelAdapter] = {}
         placement = _placement(num_cpus)
         for v in versions:
-            self.adapters[v["version"]] = await load_model(v["model_dir"], name=f"{service}:{v['version']}",
-                                                           placement=placement)
+            self.adapters[v["version"]] = await load_model(
+                v["model_dir"], name=f"{service}:{v['version']}", placement=placement
+            )
         self._names: list[str] = list(self.adapters)
         self._weights: list[int] = [int(v.get("weight", 100)) for v in versions]
 
@@ -86,9 +89,10 @@ class ServiceReplica:
     async def _forward(self, adapter: Any, request: Request, body: bytes) -> Response:
         root = request.scope.get("root_path", "")
         path = request.url.path
-        sub = path[len(root):] if root and path.startswith(root) else path
-        status, headers, content = await adapter.forward(request.method, sub or "/", dict(request.headers), body,
-                                                         request.url.query)
+        sub = path[len(root) :] if root and path.startswith(root) else path
+        status, headers, content = await adapter.forward(
+            request.method, sub or "/", dict(request.headers), body, request.url.query
+        )
         return Response(content, status_code=status, headers=headers)
 
     async def check_health(self) -> None:
@@ -110,16 +114,27 @@ class _UnknownVersion(EnginehouseError):
         super().__init__(f"service {service} has no model version {version}; versions: {', '.join(known)}")
 
 
-def build_app(service: str, versions: list[dict[str, Any]], num_cpus: float, num_replicas: int = 1,
-              num_gpus: float = 0.0) -> serve.Application:
+def build_app(
+    service: str, versions: list[dict[str, Any]], num_cpus: float, num_replicas: int = 1, num_gpus: float = 0.0
+) -> serve.Application:
     """The Ray Serve application of one service: ingress replicas that run the engines themselves."""
     deployment = serve.deployment(
-        ServiceReplica,
         name="replica",
         num_replicas=num_replicas,
         # batching needs many requests in flight per replica; Ray's default of 5 would cap throughput
         max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", "64")),
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         user_config={"weights": {v["version"]: int(v.get("weight", 100)) for v in versions}},
-    )
+    )(ServiceReplica)
     return deployment.bind(service, versions, num_cpus)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Application builder named by the declarative config (see ``serving.dataplane.deploy``)."""
+    return build_app(
+        args["service"],
+        args["versions"],
+        num_cpus=float(args.get("num_cpus", 1.0)),
+        num_replicas=int(args.get("num_replicas", 1)),
+        num_gpus=float(args.get("num_gpus", 0.0)),
+    )

@@ -18,17 +18,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def two_version_service(serve_instance: str, example_models: Path):
     """One service, ONNX as 1.0.0 and TorchScript as 2.0.0, weights 70/30."""
-    from ray import serve
-
-    from serving.dataplane.replica import build_app
+    from serving.dataplane import deploy
 
     versions = [
         {"version": "1.0.0", "model_dir": str(example_models / "mlp-onnx" / "1.0.0"), "weight": 70},
         {"version": "2.0.0", "model_dir": str(example_models / "mlp-torchscript" / "1.0.0"), "weight": 30},
     ]
-    serve.run(build_app("svc-two", versions, num_cpus=0.25), name="svc-two", route_prefix="/v1/infers/svc-two")
+    deploy.put(deploy.service_app("svc-two", versions, num_cpus=0.25))
+    deploy.wait_running("svc-two")
     yield f"{serve_instance}/v1/infers/svc-two", versions
-    serve.delete("svc-two")
+    deploy.remove("svc-two")
 
 
 def test_weighted_split_and_results(two_version_service) -> None:
@@ -55,8 +54,7 @@ def test_instances_and_pinned_version(two_version_service) -> None:
         r = client.post(url, json={"instances": [[1, 2, 3, 4], [0, 0, 0, 0]]}, headers={"X-Model-Version": "2.0.0"})
         assert r.status_code == 200, r.text
         preds = np.asarray(r.json()["predictions"], dtype=np.float32)
-        np.testing.assert_allclose(preds, mlp_reference(np.array([[1, 2, 3, 4], [0, 0, 0, 0]], np.float32)),
-                                   atol=1e-4)
+        np.testing.assert_allclose(preds, mlp_reference(np.array([[1, 2, 3, 4], [0, 0, 0, 0]], np.float32)), atol=1e-4)
         r = client.post(url, json={"instances": [[1, 2, 3, 4]]}, headers={"X-Model-Version": "9.9.9"})
         assert r.status_code == 404 and "9.9.9" in r.json()["error"]
 
@@ -86,22 +84,35 @@ def test_malformed_json_is_400(two_version_service) -> None:
     assert r.status_code == 400 and "JSON" in r.json()["error"]
 
 
-def test_weights_change_live(two_version_service) -> None:
-    from ray import serve
+def _replica_actors(app: str) -> set[str]:
+    """Names of the live replica actors of an application (new names would mean a redeploy)."""
+    import ray
 
-    from serving.dataplane.replica import build_app
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"{app}#replica#" in a["name"]}
+
+
+def test_weights_change_live(two_version_service) -> None:
+    from serving.dataplane import deploy
 
     url, versions = two_version_service
+    replicas_before = _replica_actors("svc-two")
+    assert replicas_before
     moved = [dict(v, weight=w) for v, w in zip(versions, (0, 100), strict=True)]
-    serve.run(build_app("svc-two", moved, num_cpus=0.25), name="svc-two", route_prefix="/v1/infers/svc-two")
+    deploy.put(deploy.service_app("svc-two", moved, num_cpus=0.25))
     deadline = time.monotonic() + 10
     body = {"instances": [[1, 2, 3, 4]]}
     with httpx.Client(timeout=30) as client:
         while time.monotonic() < deadline:  # a user_config change reconfigures the running replicas
-            if all(client.post(url, json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32",
-                                                      "data": [1, 2, 3, 4]}]}).json()["model_version"] == "2.0.0"
-                   for _ in range(30)):
+            if all(
+                client.post(
+                    url, json={"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+                ).json()["model_version"]
+                == "2.0.0"
+                for _ in range(30)
+            ):
                 break
         else:
             pytest.fail("weights 0/100 did not take effect within 10 s")
         assert client.post(url, json=body).status_code == 200
+    # a live reconfigure, not a redeploy: the same replicas keep running
+    assert _replica_actors("svc-two") == replicas_before

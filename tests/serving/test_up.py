@@ -28,10 +28,28 @@ def test_up_serves_the_example_repository(example_models: Path, tmp_path: Path) 
     port, data_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["ENGINEHOUSE_HOME"] = str(tmp_path / "home")
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
+    env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "up", "--port", str(port), "--data-port", str(data_port),
-         "--model-repository", str(repo), "--num-cpus", "2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "up",
+            "--port",
+            str(port),
+            "--data-port",
+            str(data_port),
+            "--model-repository",
+            str(repo),
+            "--num-cpus",
+            "2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -51,8 +69,9 @@ def test_up_serves_the_example_repository(example_models: Path, tmp_path: Path) 
             onnx = next(s for s in services if s["service_id"] == "mlp-onnx")
             r = client.post(onnx["access_address"], json={"instances": [[1, 2, 3, 4]]})
             assert r.status_code == 200, r.text
-            np.testing.assert_allclose(r.json()["predictions"], mlp_reference(np.array([[1, 2, 3, 4]], np.float32)),
-                                       atol=1e-4)
+            np.testing.assert_allclose(
+                r.json()["predictions"], mlp_reference(np.array([[1, 2, 3, 4]], np.float32)), atol=1e-4
+            )
             r = client.post(f"http://127.0.0.1:{data_port}/v1/infers/echo-http/a/b?k=v", content=b"\x00\x01raw")
             assert r.status_code == 200 and r.json()["path"] == "/a/b" and r.json()["query"] == "k=v"
             catalogue = client.get(f"http://127.0.0.1:{port}/v1/default/models/ai-engine-runtimes").json()

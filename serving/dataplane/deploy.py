@@ -1,0 +1,93 @@
+"""Services onto Ray Serve through its declarative config API, so live changes stay live.
+
+Applications deployed with ``serve.run`` get a new code version on every call, so even a weight change
+would replace every replica (and each replaced direct-ingress replica drains for 30 s). Deployed from a
+config with a fixed import path, a change of ``user_config`` alone is a lightweight update: Ray Serve calls
+``reconfigure`` on the running replicas. The config API takes the full set of applications at once, so
+this module keeps the desired set of this process and always submits all of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+BUILDER = "serving.dataplane.replica:app_builder"
+_lock = threading.Lock()
+_apps: dict[str, dict[str, Any]] = {}
+
+
+def service_app(
+    service: str,
+    versions: list[dict[str, Any]],
+    num_cpus: float,
+    num_replicas: int = 1,
+    num_gpus: float = 0.0,
+    route_prefix: str | None = None,
+) -> dict[str, Any]:
+    """The Serve application config of one service; weights live only in ``user_config``."""
+    static = [{k: v for k, v in ver.items() if k != "weight"} for ver in versions]
+    return {
+        "name": service,
+        "route_prefix": route_prefix or f"/v1/infers/{service}",
+        "import_path": BUILDER,
+        "args": {
+            "service": service,
+            "versions": static,
+            "num_cpus": num_cpus,
+            "num_replicas": num_replicas,
+            "num_gpus": num_gpus,
+        },
+        "deployments": [
+            {
+                "name": "replica",
+                "num_replicas": num_replicas,
+                "user_config": {"weights": {v["version"]: int(v.get("weight", 100)) for v in versions}},
+            }
+        ],
+    }
+
+
+def _submit() -> None:
+    client = serve.context._get_global_client()
+    if client is None:
+        raise RuntimeError("Ray Serve is not started: call serve.start() first")
+    client.deploy_apps(ServeDeploySchema(applications=list(_apps.values())), _blocking=False)
+
+
+def put(app: dict[str, Any]) -> None:
+    """Create or update one application (the others are resubmitted unchanged)."""
+    with _lock:
+        _apps[app["name"]] = app
+        _submit()
+
+
+def remove(name: str) -> None:
+    """Delete one application."""
+    with _lock:
+        if _apps.pop(name, None) is not None:
+            _submit()
+
+
+def status(name: str) -> str | None:
+    """Ray Serve's status of an application (``RUNNING``, ``DEPLOYING``, ...) or None when absent."""
+    app = serve.status().applications.get(name)
+    return str(app.status.value) if app else None
+
+
+def wait_running(name: str, timeout_s: float = 120.0) -> None:
+    """Block until the application runs; raise with Serve's message when it fails or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(name)
+        if app is not None:
+            if app.status.value == "RUNNING":
+                return
+            if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"application {name} is {app.status.value}: {app.message}")
+        time.sleep(0.2)
+    raise TimeoutError(f"application {name} not running after {timeout_s:.0f} s")
