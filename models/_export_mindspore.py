@@ -31,10 +31,8 @@ def build_mlp_cell():  # type: ignore[no-untyped-def]  # mindspore is optional, 
         def __init__(self) -> None:
             super().__init__()
             # nn.Dense computes x @ W.T + b with W [out, in]; our weights are [in, out], hence .T
-            self.d1 = nn.Dense(IN, HIDDEN, weight_init=ms.Tensor(w["w1"].T.copy()),
-                               bias_init=ms.Tensor(w["b1"]))
-            self.d2 = nn.Dense(HIDDEN, OUT, weight_init=ms.Tensor(w["w2"].T.copy()),
-                               bias_init=ms.Tensor(w["b2"]))
+            self.d1 = nn.Dense(IN, HIDDEN, weight_init=ms.Tensor(w["w1"].T.copy()), bias_init=ms.Tensor(w["b1"]))
+            self.d2 = nn.Dense(HIDDEN, OUT, weight_init=ms.Tensor(w["w2"].T.copy()), bias_init=ms.Tensor(w["b2"]))
             self.relu = nn.ReLU()
 
         def construct(self, x):  # type: ignore[no-untyped-def]

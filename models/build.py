@@ -72,14 +72,14 @@ def build_onnx(version_dir: Path) -> Path:
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", OUT])],
         initializer=[numpy_helper.from_array(w[k], name=k) for k in ("w1", "b1", "w2", "b2")],
     )
-    model = helper.make_model(graph, producer_name="enginehouse",
-                              opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+    model = helper.make_model(graph, producer_name="enginehouse", opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
     model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model)
     out = version_dir / "model.onnx"
     out.write_bytes(model.SerializeToString(deterministic=True))
-    _write_json(version_dir / "config.json",
-                {"engine": "ONNX", "runtime": runtime_name("onnxruntime"), "model_file": out.name})
+    _write_json(
+        version_dir / "config.json", {"engine": "ONNX", "runtime": runtime_name("onnxruntime"), "model_file": out.name}
+    )
     return out
 
 
@@ -118,8 +118,9 @@ def build_torchscript(version_dir: Path) -> Path:
     out = version_dir / "model.pt"
     torch.jit.save(scripted, str(out))
     _write_json(version_dir / SIGNATURE_FILE, _signature())
-    _write_json(version_dir / "config.json",
-                {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": out.name})
+    _write_json(
+        version_dir / "config.json", {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": out.name}
+    )
     return out
 
 
@@ -134,8 +135,9 @@ def build_torch_export(version_dir: Path) -> Path:
     out = version_dir / "model.pt2"
     torch.export.save(program, str(out))
     _write_json(version_dir / SIGNATURE_FILE, _signature())
-    _write_json(version_dir / "config.json",
-                {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": out.name})
+    _write_json(
+        version_dir / "config.json", {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": out.name}
+    )
     return out
 
 

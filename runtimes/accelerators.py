@@ -64,10 +64,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _field(nvml: Any, fn: Callable[[], T]) -> T | None:
+def _field(nvml: Any, fn: Callable[..., T], *args: Any) -> T | None:
     """The value of one NVML query, or None when this board or driver does not support it."""
     try:
-        return fn()
+        return fn(*args)
     except nvml.NVMLError as exc:
         log.debug("NVML query failed: %s", exc)
         return None
@@ -102,25 +102,27 @@ def detect_gpus() -> list[GpuInfo]:
         cuda_version = _cuda_version(nvml)
         gpus = []
         for index in range(count):
-            handle = _field(nvml, lambda i=index: nvml.nvmlDeviceGetHandleByIndex(i))
+            handle = _field(nvml, nvml.nvmlDeviceGetHandleByIndex, index)
             if handle is None:
                 continue  # a lost GPU is skipped, the others are still reported
-            name = _field(nvml, lambda h=handle: nvml.nvmlDeviceGetName(h))
-            uuid = _field(nvml, lambda h=handle: nvml.nvmlDeviceGetUUID(h))
-            memory = _field(nvml, lambda h=handle: nvml.nvmlDeviceGetMemoryInfo(h))
-            rates = _field(nvml, lambda h=handle: nvml.nvmlDeviceGetUtilizationRates(h))
-            milliwatts = _field(nvml, lambda h=handle: nvml.nvmlDeviceGetPowerUsage(h))
-            gpus.append(GpuInfo(
-                index=index,
-                name=_text(name) if name is not None else "unknown",
-                uuid=_text(uuid) if uuid is not None else None,
-                memory_total=int(memory.total) if memory is not None else None,
-                memory_used=int(memory.used) if memory is not None else None,
-                utilization=int(rates.gpu) if rates is not None else None,
-                power=milliwatts / 1000.0 if milliwatts is not None else None,
-                driver_version=driver_version,
-                cuda_version=cuda_version,
-            ))
+            name = _field(nvml, nvml.nvmlDeviceGetName, handle)
+            uuid = _field(nvml, nvml.nvmlDeviceGetUUID, handle)
+            memory = _field(nvml, nvml.nvmlDeviceGetMemoryInfo, handle)
+            rates = _field(nvml, nvml.nvmlDeviceGetUtilizationRates, handle)
+            milliwatts = _field(nvml, nvml.nvmlDeviceGetPowerUsage, handle)
+            gpus.append(
+                GpuInfo(
+                    index=index,
+                    name=_text(name) if name is not None else "unknown",
+                    uuid=_text(uuid) if uuid is not None else None,
+                    memory_total=int(memory.total) if memory is not None else None,
+                    memory_used=int(memory.used) if memory is not None else None,
+                    utilization=int(rates.gpu) if rates is not None else None,
+                    power=milliwatts / 1000.0 if milliwatts is not None else None,
+                    driver_version=driver_version,
+                    cuda_version=cuda_version,
+                )
+            )
         return gpus
     finally:
         try:

@@ -110,8 +110,9 @@ class ModelAdapter(ABC):
     #: file name looked for in the version folder when config.json names none
     default_file: ClassVar[str] = ""
 
-    def __init__(self, model_dir: str | Path, config: ModelConfig, name: str | None = None,
-                 placement: Placement | None = None) -> None:
+    def __init__(
+        self, model_dir: str | Path, config: ModelConfig, name: str | None = None, placement: Placement | None = None
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.config = config
         self.name = name or self.model_dir.name
@@ -168,8 +169,7 @@ class ModelAdapter(ABC):
         expected = {t.name: t for t in self.signature.inputs}
         unknown = sorted(set(inputs) - set(expected))
         if unknown:
-            raise InvalidInputError(self.name, f"unknown input(s) {unknown}; expected {sorted(expected)}",
-                                    unknown[0])
+            raise InvalidInputError(self.name, f"unknown input(s) {unknown}; expected {sorted(expected)}", unknown[0])
         missing = sorted(set(expected) - set(inputs))
         if missing:
             raise InvalidInputError(self.name, f"missing input; expected inputs {sorted(expected)}", missing[0])

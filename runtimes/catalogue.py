@@ -70,8 +70,7 @@ def engine_status(engine: str) -> tuple[str, str | None]:
     if engine_available(engine):
         return "normal", None
     entry = ENGINES[engine]
-    return "unavailable", (f"package '{entry.framework}' is not installed: "
-                           f"pip install 'enginehouse[{entry.extra}]'")
+    return "unavailable", (f"package '{entry.framework}' is not installed: pip install 'enginehouse[{entry.extra}]'")
 
 
 def _gpu_short_name(name: str) -> str:
@@ -109,8 +108,15 @@ def build_catalogue(gpus: list[GpuInfo] | None = None, npus: list[NpuDevice] | N
     engine_runtimes = []
     for spec in CATALOGUE:
         status, _ = engine_status(spec.engine)
-        item: dict[str, Any] = {"ai_engine": spec.engine, "runtimes": [], "request_mode": [],
-                                "accelerators": [], "arch": [], "status_list": [], "image_source": []}
+        item: dict[str, Any] = {
+            "ai_engine": spec.engine,
+            "runtimes": [],
+            "request_mode": [],
+            "accelerators": [],
+            "arch": [],
+            "status_list": [],
+            "image_source": [],
+        }
         for runtime, accel in _variants(spec, gpus, npus):
             for mode in REQUEST_MODES:
                 item["runtimes"].append(runtime)
@@ -120,8 +126,7 @@ def build_catalogue(gpus: list[GpuInfo] | None = None, npus: list[NpuDevice] | N
                 item["status_list"].append(status)
                 item["image_source"].append(spec.image_source)
         engine_runtimes.append(item)
-    return {"count": len(engine_runtimes), "total_count": len(engine_runtimes),
-            "engine_runtimes": engine_runtimes}
+    return {"count": len(engine_runtimes), "total_count": len(engine_runtimes), "engine_runtimes": engine_runtimes}
 
 
 def _non_negative_int(value: int | str | None, field: str, default: int | None) -> int | None:
@@ -137,21 +142,21 @@ def _non_negative_int(value: int | str | None, field: str, default: int | None) 
     return number
 
 
-def paginate(catalogue: dict[str, Any], limit: int | str | None = None,
-             offset: int | str | None = 0) -> dict[str, Any]:
+def paginate(catalogue: dict[str, Any], limit: int | str | None = None, offset: int | str | None = 0) -> dict[str, Any]:
     """One page of ``engine_runtimes``: ``count`` items on it, ``total_count`` in all; ValueError if bad."""
     items = catalogue["engine_runtimes"]
     start = _non_negative_int(offset, "offset", 0) or 0
     size = _non_negative_int(limit, "limit", None)
-    page = items[start:] if size is None else items[start:start + size]
+    page = items[start:] if size is None else items[start : start + size]
     return {"count": len(page), "total_count": len(items), "engine_runtimes": page}
 
 
 def find_runtime(engine: str, runtime_name: str, catalogue: dict[str, Any] | None = None) -> bool:
     """True when the catalogue lists ``runtime_name`` for ``engine`` (whatever its status)."""
     catalogue = build_catalogue() if catalogue is None else catalogue
-    return any(item["ai_engine"] == engine and runtime_name in item["runtimes"]
-               for item in catalogue["engine_runtimes"])
+    return any(
+        item["ai_engine"] == engine and runtime_name in item["runtimes"] for item in catalogue["engine_runtimes"]
+    )
 
 
 def print_catalogue(as_json: bool = False) -> None:
@@ -170,10 +175,22 @@ def print_catalogue(as_json: bool = False) -> None:
         _, why = engine_status(item["ai_engine"])
         for i, runtime in enumerate(item["runtimes"]):
             accel = item["accelerators"][i]
-            label = accel["type"] if accel["type"] == "none" else (
-                f"{accel['type']} {accel.get('name', '')} "
-                f"{accel.get('cuda_version') or accel.get('driver_version_section', '')}").strip()
+            label = (
+                accel["type"]
+                if accel["type"] == "none"
+                else (
+                    f"{accel['type']} {accel.get('name', '')} "
+                    f"{accel.get('cuda_version') or accel.get('driver_version_section', '')}"
+                ).strip()
+            )
             status = item["status_list"][i]
-            table.add_row(item["ai_engine"], runtime, item["request_mode"][i], label, item["arch"][i],
-                          f"{status} ({why})" if why else status, item["image_source"][i])
+            table.add_row(
+                item["ai_engine"],
+                runtime,
+                item["request_mode"][i],
+                label,
+                item["arch"][i],
+                f"{status} ({why})" if why else status,
+                item["image_source"][i],
+            )
     Console().print(table)

@@ -36,10 +36,22 @@ from runtimes.base import ModelAdapter, Signature
 from runtimes.errors import InferenceError, InvalidInputError, ModelLoadError, ModelNotReadyError
 
 #: RFC 9110 hop-by-hop headers plus those httpx recomputes; forwarding them would corrupt framing.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "host",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
 LOG_TAIL_LINES = 20
 TERM_GRACE_S = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -71,8 +83,9 @@ def _container_engine() -> str | None:
         if path is None:
             continue
         try:
-            done = subprocess.run([path, "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  timeout=15, check=False)
+            done = subprocess.run(
+                [path, "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=15, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             continue
         if done.returncode == 0:
@@ -98,8 +111,9 @@ def _terminate(proc: subprocess.Popen[bytes], container: tuple[str, str] | None,
         exe, name = container
         # A SIGKILLed `docker run` client leaves its container running; remove it by name.
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run([exe, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           timeout=30, check=False)
+            subprocess.run(
+                [exe, "rm", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False
+            )
     shutil.rmtree(log_dir, ignore_errors=True)
 
 
@@ -150,24 +164,40 @@ class CustomAdapter(ModelAdapter):
     def _container_argv(self, env: dict[str, str]) -> tuple[list[str], tuple[str, str]]:
         exe = _container_engine()
         if exe is None:
-            raise ModelLoadError(self.name, f"config.image is {self.config.image!r} but no container engine "
-                                            "is available: neither `docker info` nor `podman info` succeeds")
+            raise ModelLoadError(
+                self.name,
+                f"config.image is {self.config.image!r} but no container engine "
+                "is available: neither `docker info` nor `podman info` succeeds",
+            )
         cname = f"enginehouse-{self.name}-{uuid.uuid4().hex[:8]}"
-        argv = [exe, "run", "--rm", "--name", cname, "-p", f"127.0.0.1:{self.port}:{self.port}",
-                "-v", f"{self.model_dir.resolve()}:/model:ro", f"--cpus={self.placement.cpu_threads}"]
+        argv = [
+            exe,
+            "run",
+            "--rm",
+            "--name",
+            cname,
+            "-p",
+            f"127.0.0.1:{self.port}:{self.port}",
+            "-v",
+            f"{self.model_dir.resolve()}:/model:ro",
+            f"--cpus={self.placement.cpu_threads}",
+        ]
         if self.placement.gpu_ids:
             argv.append("--gpus=device=" + ",".join(map(str, self.placement.gpu_ids)))
         env = {**self.config.env, "ENGINEHOUSE_PORT": str(self.port), "ENGINEHOUSE_MODEL_DIR": "/model"}
         for k, v in env.items():
             argv += ["-e", f"{k}={v}"]
-        command = [self._subst(a).replace(str(self.model_dir.resolve()), "/model")
-                   for a in (self.config.container_command or [])]
+        command = [
+            self._subst(a).replace(str(self.model_dir.resolve()), "/model")
+            for a in (self.config.container_command or [])
+        ]
         if command:
             argv += ["--entrypoint", command[0]]
         argv.append(str(self.config.image))
         argv += command[1:]
-        argv += [self._subst(a).replace(str(self.model_dir.resolve()), "/model")
-                 for a in (self.config.container_args or [])]
+        argv += [
+            self._subst(a).replace(str(self.model_dir.resolve()), "/model") for a in (self.config.container_args or [])
+        ]
         return argv, (exe, cname)
 
     def _timeout(self) -> float:
@@ -180,8 +210,12 @@ class CustomAdapter(ModelAdapter):
         if not cfg.start_command and not cfg.image:
             raise ModelLoadError(self.name, "a Custom engine needs start_command or image in config.json")
         self.port = cfg.port or _free_port()
-        env = {**os.environ, **cfg.env, "ENGINEHOUSE_PORT": str(self.port),
-               "ENGINEHOUSE_MODEL_DIR": str(self.model_dir.resolve())}
+        env = {
+            **os.environ,
+            **cfg.env,
+            "ENGINEHOUSE_PORT": str(self.port),
+            "ENGINEHOUSE_MODEL_DIR": str(self.model_dir.resolve()),
+        }
         if self.placement.gpu_ids and "CUDA_VISIBLE_DEVICES" not in cfg.env:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.placement.gpu_ids))
         container: tuple[str, str] | None = None
@@ -192,14 +226,22 @@ class CustomAdapter(ModelAdapter):
         log_dir = tempfile.mkdtemp(prefix=f"enginehouse-custom-{self.name}-")
         self.log_path = Path(log_dir) / "server.log"
         preexec: Callable[[], None] | None = (
-            functools.partial(_die_with_parent, os.getpid()) if sys.platform.startswith("linux") else None)
+            functools.partial(_die_with_parent, os.getpid()) if sys.platform.startswith("linux") else None
+        )
         # Spawned on the event-loop thread on purpose: PR_SET_PDEATHSIG fires when the *thread* that
         # forked exits, so a short-lived worker thread would kill the server as soon as it finished.
         with self.log_path.open("wb") as log:  # a file, not a pipe: a chatty server can never block on it
             try:
-                self.proc = subprocess.Popen(argv, cwd=self.model_dir, env=env, stdin=subprocess.DEVNULL,
-                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                             preexec_fn=preexec)  # only prctl: safe after fork
+                self.proc = subprocess.Popen(
+                    argv,
+                    cwd=self.model_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=preexec,
+                )  # only prctl: safe after fork
             except OSError as exc:
                 shutil.rmtree(log_dir, ignore_errors=True)
                 raise ModelLoadError(self.name, f"cannot start {argv[0]!r}: {exc}") from None
@@ -226,13 +268,18 @@ class CustomAdapter(ModelAdapter):
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise ModelLoadError(self.name, f"server exited with code {code} before becoming healthy; "
-                                                f"last log lines:\n{_tail(self.log_path)}")
+                raise ModelLoadError(
+                    self.name,
+                    f"server exited with code {code} before becoming healthy; last log lines:\n{_tail(self.log_path)}",
+                )
             if await self._probe(timeout=1.0):
                 return
             if time.monotonic() >= deadline:
-                raise ModelLoadError(self.name, f"server not healthy at {self.config.health_path} after "
-                                                f"{timeout:g} s; last log lines:\n{_tail(self.log_path)}")
+                raise ModelLoadError(
+                    self.name,
+                    f"server not healthy at {self.config.health_path} after "
+                    f"{timeout:g} s; last log lines:\n{_tail(self.log_path)}",
+                )
             await asyncio.sleep(0.1)
 
     async def _probe(self, timeout: float) -> bool:
@@ -263,18 +310,20 @@ class CustomAdapter(ModelAdapter):
     # -- requests ------------------------------------------------------------------------------------
     async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Refused: a Custom engine has no tensor signature and takes raw HTTP via forward()."""
-        raise InvalidInputError(self.name, "Custom engines take raw HTTP requests, not tensors; "
-                                           "send the request to the model's HTTP path instead")
+        raise InvalidInputError(
+            self.name,
+            "Custom engines take raw HTTP requests, not tensors; send the request to the model's HTTP path instead",
+        )
 
-    def _request(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
-                 query: str) -> httpx.Request:
+    def _request(self, method: str, path: str, headers: Mapping[str, str], body: bytes, query: str) -> httpx.Request:
         if not self.ready or self._client is None:
             raise ModelNotReadyError(self.name)
         url = ("/" + path.lstrip("/")) + (f"?{query}" if query else "")
         return self._client.build_request(method, url, headers=_clean_headers(headers), content=body)
 
-    async def forward(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
-                      query: str = "") -> tuple[int, dict[str, str], bytes]:
+    async def forward(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes, query: str = ""
+    ) -> tuple[int, dict[str, str], bytes]:
         """Send one raw request to the server; returns status, end-to-end headers and the body as sent."""
         request = self._request(method, path, headers, body, query)
         assert self._client is not None
@@ -286,20 +335,19 @@ class CustomAdapter(ModelAdapter):
             finally:
                 await response.aclose()
         except httpx.HTTPError as exc:
-            raise InferenceError(self.name, f"custom server request failed: {type(exc).__name__}: {exc}") \
-                from exc
+            raise InferenceError(self.name, f"custom server request failed: {type(exc).__name__}: {exc}") from exc
         return response.status_code, _clean_headers(response.headers), data
 
-    async def forward_stream(self, method: str, path: str, headers: Mapping[str, str], body: bytes,
-                             query: str = "") -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+    async def forward_stream(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes, query: str = ""
+    ) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
         """Send one raw request; returns status and headers at once and the body as an async iterator."""
         request = self._request(method, path, headers, body, query)
         assert self._client is not None
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise InferenceError(self.name, f"custom server request failed: {type(exc).__name__}: {exc}") \
-                from exc
+            raise InferenceError(self.name, f"custom server request failed: {type(exc).__name__}: {exc}") from exc
 
         async def chunks() -> AsyncIterator[bytes]:
             # Closing in finally returns the connection to the pool even when the consumer stops early.

@@ -16,9 +16,14 @@ from runtimes.errors import ModelLoadError
 SIGNATURE_FILE = "signature.json"
 
 _TORCH_TO_NUMPY: dict[torch.dtype, np.dtype] = {
-    torch.bool: np.dtype(np.bool_), torch.uint8: np.dtype(np.uint8), torch.int8: np.dtype(np.int8),
-    torch.int16: np.dtype(np.int16), torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64),
-    torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+    torch.bool: np.dtype(np.bool_),
+    torch.uint8: np.dtype(np.uint8),
+    torch.int8: np.dtype(np.int8),
+    torch.int16: np.dtype(np.int16),
+    torch.int32: np.dtype(np.int32),
+    torch.int64: np.dtype(np.int64),
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
     torch.float64: np.dtype(np.float64),
 }
 
@@ -47,8 +52,9 @@ def _spec_from_fake(name: str, val: Any) -> TensorSpec:
 def _signature_from_export(program: Any) -> Signature:
     """Signature of a torch.export program from the fake tensors its graph records."""
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    inputs = tuple(_spec_from_fake(name, placeholders[name].meta["val"])
-                   for name in program.graph_signature.user_inputs)
+    inputs = tuple(
+        _spec_from_fake(name, placeholders[name].meta["val"]) for name in program.graph_signature.user_inputs
+    )
     out_node = next(n for n in program.graph.nodes if n.op == "output")
     outputs = tuple(_spec_from_fake(f"output_{i}", arg.meta["val"]) for i, arg in enumerate(out_node.args[0]))
     return Signature(inputs, outputs)
@@ -103,8 +109,7 @@ class PyTorchAdapter(ModelAdapter):
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         assert self.signature is not None
         # positional arguments in the signature's input order: TorchScript forward() has no names to bind
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device)
-                for t in self.signature.inputs]
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[t.name])).to(self.device) for t in self.signature.inputs]
         with torch.inference_mode():
             result = self.module(*args)
         tensors = list(result) if isinstance(result, list | tuple) else [result]

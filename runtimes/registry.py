@@ -25,11 +25,11 @@ class EngineEntry:
 
 ENGINES: dict[str, EngineEntry] = {
     "PyTorch": EngineEntry("PyTorch", "runtimes.pytorch:PyTorchAdapter", "torch", "torch", "torch"),
-    "TensorFlow": EngineEntry("TensorFlow", "runtimes.tensorflow:TensorFlowAdapter", "tensorflow",
-                              "tensorflow-cpu", "tensorflow"),
+    "TensorFlow": EngineEntry(
+        "TensorFlow", "runtimes.tensorflow:TensorFlowAdapter", "tensorflow", "tensorflow-cpu", "tensorflow"
+    ),
     "ONNX": EngineEntry("ONNX", "runtimes.onnx:OnnxAdapter", "onnxruntime", "onnxruntime", "onnx"),
-    "MindSpore": EngineEntry("MindSpore", "runtimes.mindspore:MindSporeAdapter", "mindspore", "mindspore",
-                             "mindspore"),
+    "MindSpore": EngineEntry("MindSpore", "runtimes.mindspore:MindSporeAdapter", "mindspore", "mindspore", "mindspore"),
     "Custom": EngineEntry("Custom", "runtimes.custom:CustomAdapter", None, None, "all"),
 }
 
@@ -57,15 +57,15 @@ def adapter_class(engine: str) -> type[ModelAdapter]:
     return cls
 
 
-def make_adapter(model_dir: str | Path, name: str | None = None,
-                 placement: Placement | None = None) -> ModelAdapter:
+def make_adapter(model_dir: str | Path, name: str | None = None, placement: Placement | None = None) -> ModelAdapter:
     """Build (not load) the adapter for a model version folder from its ``config.json``."""
     config = read_model_config(model_dir)
     return adapter_class(config.engine)(model_dir, config, name=name, placement=placement)
 
 
-async def load_model(model_dir: str | Path, name: str | None = None,
-                     placement: Placement | None = None) -> ModelAdapter:
+async def load_model(
+    model_dir: str | Path, name: str | None = None, placement: Placement | None = None
+) -> ModelAdapter:
     """Build and load the adapter for a model version folder."""
     adapter = make_adapter(model_dir, name=name, placement=placement)
     await adapter.load()

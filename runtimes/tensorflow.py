@@ -92,8 +92,9 @@ class TensorFlowAdapter(ModelAdapter):
             raise ModelLoadError(self.name, f"{type(exc).__name__}: {exc}") from None
         signatures = getattr(model, "signatures", {})
         if SIGNATURE_KEY not in signatures:
-            raise ModelLoadError(self.name, f"SavedModel has no '{SIGNATURE_KEY}' signature; "
-                                            f"it has {sorted(signatures)}")
+            raise ModelLoadError(
+                self.name, f"SavedModel has no '{SIGNATURE_KEY}' signature; it has {sorted(signatures)}"
+            )
         fn = signatures[SIGNATURE_KEY]
         try:
             # signature functions take keyword arguments only, so positional args are always empty

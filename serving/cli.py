@@ -41,9 +41,9 @@ async def _predict(model_dir: Path, input_path: Path) -> dict[str, Any]:
         data = _read_input(input_path)
         if isinstance(data, np.ndarray):
             assert adapter.signature is not None
-            inputs, meta = {adapter.signature.inputs[0].name: data}, {}
+            inputs, meta = {adapter.signature.inputs[0].name: data}, dict[str, Any]()
         elif isinstance(data, dict) and all(isinstance(v, np.ndarray) for v in data.values()):
-            inputs, meta = data, {}
+            inputs, meta = data, dict[str, Any]()
         else:
             inputs, meta = decode_request(adapter.name, data, adapter.signature)
         outputs = await adapter.infer(inputs)
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-port", dest="data_port", type=int, help="data-plane port (default 8000)")
     p.add_argument("--model-repository", dest="model_repository", help="model repository folder")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join this Ray cluster")
-    p.add_argument("--num-cpus", dest="num_cpus", type=float, help="CPUs for the embedded Ray")
+    p.add_argument("--num-cpus", dest="num_cpus", type=int, help="CPUs for the embedded Ray")
     p.set_defaults(func=_cmd_up)
     return parser
 

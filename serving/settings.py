@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     data_port: int = Field(default=8000, ge=1, le=65535, description="Data-plane port.")
     model_repository: Path = Field(default=REPO_MODELS, description="Example model repository to serve.")
     address: str | None = Field(default=None, description="Ray cluster address to join; None: embedded Ray.")
-    num_cpus: float | None = Field(default=None, gt=0, description="CPUs given to the embedded Ray.")
+    num_cpus: int | None = Field(default=None, gt=0, description="CPUs given to the embedded Ray.")
     auth_tokens: str = Field(default="", description="Comma-separated `project:token` pairs; empty: no auth.")
     replica_cpus: float = Field(default=0.25, gt=0, le=64, description="CPU reserved per example replica.")
 

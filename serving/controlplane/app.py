@@ -23,8 +23,9 @@ def create_app(services: dict[str, dict[str, Any]], data_address: str) -> FastAP
         return {"status": "ok"}
 
     @app.get("/v1/{project_id}/models/ai-engine-runtimes")
-    async def engine_runtimes(project_id: str, limit: int | None = Query(None, ge=1),
-                              offset: int = Query(0, ge=0)) -> dict[str, Any]:
+    async def engine_runtimes(
+        project_id: str, limit: int | None = Query(None, ge=1), offset: int = Query(0, ge=0)
+    ) -> dict[str, Any]:
         from runtimes.catalogue import build_catalogue, paginate
 
         return paginate(build_catalogue(), limit, offset)
@@ -38,13 +39,19 @@ def create_app(services: dict[str, dict[str, Any]], data_address: str) -> FastAP
         for sid, svc in services.items():
             app_status = status.get(sid)
             state = str(app_status.status.value if app_status else "NOT_STARTED").lower()
-            items.append({
-                "service_id": sid, "service_name": svc["service_name"], "infer_type": "real-time",
-                "status": {"running": "running", "deploying": "deploying"}.get(state, state),
-                "access_address": f"{data_address}/v1/infers/{sid}",
-                "config": [{"model_name": svc["model_name"], "model_version": v["version"], "weight": v["weight"]}
-                           for v in svc["versions"]],
-            })
+            items.append(
+                {
+                    "service_id": sid,
+                    "service_name": svc["service_name"],
+                    "infer_type": "real-time",
+                    "status": {"running": "running", "deploying": "deploying"}.get(state, state),
+                    "access_address": f"{data_address}/v1/infers/{sid}",
+                    "config": [
+                        {"model_name": svc["model_name"], "model_version": v["version"], "weight": v["weight"]}
+                        for v in svc["versions"]
+                    ],
+                }
+            )
         return {"total_count": len(items), "count": len(items), "services": items}
 
     return app

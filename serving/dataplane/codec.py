@@ -20,16 +20,19 @@ def _tensor_from_json(model: str, item: Any) -> tuple[str, np.ndarray]:
         raise InvalidInputError(model, "an input has no 'name'")
     datatype, shape, data = item.get("datatype"), item.get("shape"), item.get("data")
     if datatype not in OIP_TO_NUMPY:
-        raise InvalidInputError(model, f"datatype {datatype!r} is not an OIP datatype ({', '.join(OIP_TO_NUMPY)})",
-                                name)
+        raise InvalidInputError(
+            model, f"datatype {datatype!r} is not an OIP datatype ({', '.join(OIP_TO_NUMPY)})", name
+        )
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidInputError(model, f"'shape' must be a list of non-negative integers, got {shape!r}", name)
     if data is None:
         raise InvalidInputError(model, "'data' is missing", name)
     try:
         if datatype == "BYTES":
-            flat = np.array([d.encode() if isinstance(d, str) else bytes(d) for d in np.ravel(
-                np.array(data, dtype=object))], dtype=object)
+            flat = np.array(
+                [d.encode() if isinstance(d, str) else bytes(d) for d in np.ravel(np.array(data, dtype=object))],
+                dtype=object,
+            )
         else:
             flat = np.asarray(data, dtype=OIP_TO_NUMPY[datatype]).ravel()
     except (TypeError, ValueError, OverflowError) as exc:
@@ -104,6 +107,7 @@ def encode_response(model: str, version: str | None, outputs: dict[str, np.ndarr
         resp["id"] = meta["id"]
     resp["outputs"] = [
         {"name": k, "datatype": oip_datatype(v.dtype), "shape": list(v.shape), "data": _json_data(v)}
-        for k, v in outputs.items() if names is None or k in names
+        for k, v in outputs.items()
+        if names is None or k in names
     ]
     return resp

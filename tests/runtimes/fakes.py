@@ -34,14 +34,18 @@ class _Rates:
     memory: int
 
 
-def fake_pynvml(gpus: list[dict] | None = None, init_error: int | None = None,
-                power_supported: bool = True) -> types.ModuleType:
+def fake_pynvml(
+    gpus: list[dict] | None = None, init_error: int | None = None, power_supported: bool = True
+) -> types.ModuleType:
     """A module object with the pynvml functions detect_gpus calls, reporting ``gpus``."""
-    gpus = gpus if gpus is not None else [
-        {"name": "NVIDIA A30", "uuid": "GPU-aaaa", "total": 24 * 2**30, "used": 2**30, "util": 37,
-         "mw": 90_500},
-        {"name": "NVIDIA A30", "uuid": "GPU-bbbb", "total": 24 * 2**30, "used": 0, "util": 0, "mw": 31_000},
-    ]
+    gpus = (
+        gpus
+        if gpus is not None
+        else [
+            {"name": "NVIDIA A30", "uuid": "GPU-aaaa", "total": 24 * 2**30, "used": 2**30, "util": 37, "mw": 90_500},
+            {"name": "NVIDIA A30", "uuid": "GPU-bbbb", "total": 24 * 2**30, "used": 0, "util": 0, "mw": 31_000},
+        ]
+    )
     mod = types.ModuleType("pynvml")
     mod.NVMLError = FakeNVMLError
     state = {"initialised": False, "shutdowns": 0}
@@ -75,7 +79,9 @@ def fake_pynvml(gpus: list[dict] | None = None, init_error: int | None = None,
     mod.nvmlDeviceGetName = lambda h: (need_init(), gpus[h]["name"])[1]
     mod.nvmlDeviceGetUUID = lambda h: (need_init(), gpus[h]["uuid"])[1]
     mod.nvmlDeviceGetMemoryInfo = lambda h: (
-        need_init(), _Memory(gpus[h]["total"], gpus[h]["used"], gpus[h]["total"] - gpus[h]["used"]))[1]
+        need_init(),
+        _Memory(gpus[h]["total"], gpus[h]["used"], gpus[h]["total"] - gpus[h]["used"]),
+    )[1]
     mod.nvmlDeviceGetUtilizationRates = lambda h: (need_init(), _Rates(gpus[h]["util"], 5))[1]
     mod.nvmlDeviceGetPowerUsage = power
     return mod
@@ -101,8 +107,9 @@ FAKE_PLUGIN = textwrap.dedent('''
 ''')
 
 
-def install_fake_npu_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                            entry_points: str = "fake = fake_npu_plugin:FakeAscend") -> Path:
+def install_fake_npu_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry_points: str = "fake = fake_npu_plugin:FakeAscend"
+) -> Path:
     """Write the plugin module and its ``.dist-info`` into ``tmp_path`` and put it on ``sys.path``."""
     root = tmp_path / "site"
     root.mkdir()

@@ -65,11 +65,17 @@ def test_detect_npus_from_entry_point(tmp_path: Path, monkeypatch: pytest.Monkey
     assert npus[0].driver_version == "C8x"
 
 
-def test_raising_plugin_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                   caplog: pytest.LogCaptureFixture) -> None:
-    install_fake_npu_plugin(tmp_path, monkeypatch, entry_points=(
-        "broken = fake_npu_plugin:BrokenPlugin\nfake = fake_npu_plugin:FakeAscend\n"
-        "missing = fake_npu_plugin:NoSuchClass"))
+def test_raising_plugin_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    install_fake_npu_plugin(
+        tmp_path,
+        monkeypatch,
+        entry_points=(
+            "broken = fake_npu_plugin:BrokenPlugin\nfake = fake_npu_plugin:FakeAscend\n"
+            "missing = fake_npu_plugin:NoSuchClass"
+        ),
+    )
     npus = detect_npus()
     assert len(npus) == 2  # the working plugin still counts
     assert "broken" in caplog.text and "missing" in caplog.text

@@ -159,8 +159,15 @@ _HIDE_MINDSPORE = textwrap.dedent("""
 
 
 def test_absent_engine_is_listed_unavailable() -> None:
-    out = subprocess.run([sys.executable, "-c", _HIDE_MINDSPORE], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", _HIDE_MINDSPORE],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     cat = json.loads(out.stdout)
     _check_shape(cat)
     status = {i["ai_engine"]: set(i["status_list"]) for i in cat["engine_runtimes"]}
@@ -172,8 +179,9 @@ def test_cli_runtimes_json() -> None:
     cli = Path(sys.executable).parent / "enginehouse"
     if not cli.exists():
         pytest.skip("enginehouse console script not installed in this environment")
-    out = subprocess.run([str(cli), "runtimes", "--json"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [str(cli), "runtimes", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     cat = json.loads(out.stdout)
     _check_shape(cat)
     assert [i["ai_engine"] for i in cat["engine_runtimes"]] == list(ENGINES)
@@ -183,6 +191,13 @@ def test_cli_runtimes_table() -> None:
     cli = Path(sys.executable).parent / "enginehouse"
     if not cli.exists():
         pytest.skip("enginehouse console script not installed in this environment")
-    out = subprocess.run([str(cli), "runtimes"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         check=True, env={**os.environ, "COLUMNS": "200"})
+    out = subprocess.run(
+        [str(cli), "runtimes"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert "pytorch_" in out.stdout and "MindSpore" in out.stdout

@@ -63,8 +63,9 @@ async def test_echo_forward_stream_health_unload() -> None:
         assert await adapter.health()
         assert adapter.signature is not None and adapter.signature.inputs == ()
 
-        status, headers, body = await adapter.forward("GET", "/a/b", {"X-Trace": "t1", "Connection": "close",
-                                                                   "Host": "evil"}, b"", query="q=1&r=x")
+        status, headers, body = await adapter.forward(
+            "GET", "/a/b", {"X-Trace": "t1", "Connection": "close", "Host": "evil"}, b"", query="q=1&r=x"
+        )
         assert status == 200
         assert "transfer-encoding" not in headers and "connection" not in headers
         echo = json.loads(body)
@@ -73,8 +74,9 @@ async def test_echo_forward_stream_health_unload() -> None:
         assert echo["model_dir"] == str(ECHO.resolve())
 
         blob = bytes(range(256)) * 3  # not valid UTF-8, not JSON
-        status, _, body = await adapter.forward("POST", "sub/path", {"content-type": "application/x-bin"},
-                                                blob, query="k=v")
+        status, _, body = await adapter.forward(
+            "POST", "sub/path", {"content-type": "application/x-bin"}, blob, query="k=v"
+        )
         echo = json.loads(body)
         assert status == 200 and echo["method"] == "POST" and echo["path"] == "/sub/path"
         assert base64.b64decode(echo["body_base64"]) == blob and echo["body_text"] is None
@@ -96,12 +98,16 @@ async def test_echo_forward_stream_health_unload() -> None:
 
 
 async def test_server_exiting_at_once_reports_its_log(tmp_path: Path) -> None:
-    d = _model(tmp_path, {"start_command": ["python", "server.py"]}, """
+    d = _model(
+        tmp_path,
+        {"start_command": ["python", "server.py"]},
+        """
         import sys
         for i in range(30):
             print(f"boot line {i}")
         sys.exit("fatal: weights missing")
-    """)
+    """,
+    )
     with pytest.raises(ModelLoadError) as err:
         await load_model(d)
     msg = str(err.value)
@@ -111,11 +117,15 @@ async def test_server_exiting_at_once_reports_its_log(tmp_path: Path) -> None:
 
 async def test_never_healthy_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENGINEHOUSE_CUSTOM_START_TIMEOUT", "1.5")
-    d = _model(tmp_path, {"start_command": ["python", "server.py"]}, """
+    d = _model(
+        tmp_path,
+        {"start_command": ["python", "server.py"]},
+        """
         import time
         print("warming up forever", flush=True)
         time.sleep(600)
-    """)
+    """,
+    )
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match="not healthy") as err:
         await load_model(d)
@@ -128,10 +138,14 @@ async def test_shell_metacharacters_are_literal(tmp_path: Path) -> None:
     label = f"; touch {marker}"
     d = tmp_path / "echo"
     shutil.copytree(ECHO, d)
-    (d / "config.json").write_text(json.dumps({
-        "engine": "Custom",
-        "start_command": ["python", "server.py", "--port", "{port}", "--label", label],
-    }))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "engine": "Custom",
+                "start_command": ["python", "server.py", "--port", "{port}", "--label", label],
+            }
+        )
+    )
     adapter = await load_model(d)
     try:
         _, _, body = await adapter.forward("GET", "/x", {}, b"")
@@ -143,7 +157,8 @@ async def test_shell_metacharacters_are_literal(tmp_path: Path) -> None:
 
 def test_child_dies_with_sigkilled_parent(tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import asyncio, sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from runtimes.registry import load_model
@@ -154,7 +169,8 @@ def test_child_dies_with_sigkilled_parent(tmp_path: Path) -> None:
             await asyncio.sleep(600)
 
         asyncio.run(main())
-    """))
+    """)
+    )
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         line = parent.stdout.readline() if parent.stdout else ""
@@ -178,9 +194,13 @@ async def test_missing_executable_is_a_load_error(tmp_path: Path) -> None:
         await load_model(d)
 
 
-@pytest.mark.skipif(any(shutil.which(x) and subprocess.run([x, "info"], capture_output=True, timeout=30,
-                                                           check=False).returncode == 0
-                        for x in ("docker", "podman")), reason="a container engine answers here")
+@pytest.mark.skipif(
+    any(
+        shutil.which(x) and subprocess.run([x, "info"], capture_output=True, timeout=30, check=False).returncode == 0
+        for x in ("docker", "podman")
+    ),
+    reason="a container engine answers here",
+)
 async def test_image_without_container_engine(tmp_path: Path) -> None:
     d = _model(tmp_path, {"image": "example/echo:1"})
     with pytest.raises(ModelLoadError, match="no container engine"):

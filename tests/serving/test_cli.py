@@ -15,16 +15,16 @@ from models.mlp_weights import mlp_reference
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`enginehouse ARGS` through the installed entry point's module."""
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.parametrize("model", ["mlp-onnx", "mlp-torchscript"])
 def test_predict_prints_an_oip_response(example_models: Path, tmp_path: Path, model: str) -> None:
     x = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
     inp = tmp_path / "in.json"
-    inp.write_text(json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
-                                           "data": x.ravel().tolist()}]}))
+    inp.write_text(
+        json.dumps({"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}]})
+    )
     proc = run_cli("predict", str(example_models / model / "1.0.0"), "--input", str(inp))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)["outputs"][0]
@@ -38,8 +38,9 @@ def test_predict_prints_an_oip_response(example_models: Path, tmp_path: Path, mo
 
 def test_predict_bad_input_names_the_tensor(example_models: Path, tmp_path: Path) -> None:
     inp = tmp_path / "bad.json"
-    inp.write_text(json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32",
-                                           "data": [1, 2, 3, 4, 5]}]}))
+    inp.write_text(
+        json.dumps({"inputs": [{"name": "x", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}]})
+    )
     proc = run_cli("predict", str(example_models / "mlp-onnx" / "1.0.0"), "--input", str(inp))
     assert proc.returncode == 2
     assert "EH.0103" in proc.stderr and "'x'" in proc.stderr and "[-1, 4]" in proc.stderr
@@ -62,6 +63,11 @@ def test_runtimes_json_has_the_reference_shape() -> None:
 
 
 def test_up_refuses_a_public_bind_without_tokens() -> None:
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "up", "--host", "0.0.0.0"], capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "ENGINEHOUSE_AUTH_TOKENS": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "up", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "ENGINEHOUSE_AUTH_TOKENS": ""},
+    )
     assert proc.returncode != 0 and "refusing to listen on 0.0.0.0" in proc.stderr

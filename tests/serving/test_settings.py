@@ -15,7 +15,7 @@ def test_loopback_detection() -> None:
 def test_refuses_public_bind_without_tokens() -> None:
     with pytest.raises(SystemExit, match="ENGINEHOUSE_AUTH_TOKENS"):
         check_exposure(Settings(host="0.0.0.0", auth_tokens=""))
-    with pytest.raises(SystemExit, match="0.0.0.0"):
+    with pytest.raises(SystemExit, match=r"0\.0\.0\.0"):
         check_exposure(Settings(data_host="0.0.0.0", auth_tokens=""))
     check_exposure(Settings(host="0.0.0.0", data_host="0.0.0.0", auth_tokens="default:s3cret"))
     check_exposure(Settings())

@@ -63,18 +63,22 @@ class Handler(BaseHTTPRequestHandler):
             text: str | None = body.decode("utf-8")
         except UnicodeDecodeError:
             text = None
-        headers = {k.lower(): v for k, v in self.headers.items()
-                   if k.lower() == "content-type" or k.lower().startswith("x-")}
-        self._send(200, {
-            "method": self.command,
-            "path": url.path,
-            "query": url.query,
-            "headers": headers,
-            "body_base64": base64.b64encode(body).decode(),
-            "body_text": text,
-            "label": LABEL,
-            "model_dir": os.environ.get("ENGINEHOUSE_MODEL_DIR", ""),
-        })
+        headers = {
+            k.lower(): v for k, v in self.headers.items() if k.lower() == "content-type" or k.lower().startswith("x-")
+        }
+        self._send(
+            200,
+            {
+                "method": self.command,
+                "path": url.path,
+                "query": url.query,
+                "headers": headers,
+                "body_base64": base64.b64encode(body).decode(),
+                "body_text": text,
+                "label": LABEL,
+                "model_dir": os.environ.get("ENGINEHOUSE_MODEL_DIR", ""),
+            },
+        )
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
