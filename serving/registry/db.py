@@ -117,6 +117,14 @@ def open_registry(url: str | None, home: Path, revision: str = "head") -> Regist
     return Registry(engine)
 
 
+def _check_sort(sort_by: str, keys: tuple[str, ...] | list[str] | set[str], order: str) -> None:
+    """Refuse a sort key or order the list does not support, naming the allowed values."""
+    if sort_by not in keys:
+        raise ValueError(f"sort_by must be one of {keys}")
+    if order not in ("asc", "desc"):
+        raise ValueError("order must be asc or desc")
+
+
 class Registry:
     """Small, transactional data-access methods; rows come back as detached ORM objects."""
 
@@ -216,10 +224,7 @@ class Registry:
         sort_by: str = "create_at",
         order: str = "desc",
     ) -> tuple[int, list[Model]]:
-        if sort_by not in MODEL_SORT_KEYS:
-            raise ValueError(f"sort_by must be one of {MODEL_SORT_KEYS}")
-        if order not in ("asc", "desc"):
-            raise ValueError("order must be asc or desc")
+        _check_sort(sort_by, MODEL_SORT_KEYS, order)
         q = select(Model).where(Model.project_id == project_id)
         if model_name:
             if exact_match:
@@ -354,10 +359,7 @@ class Registry:
         order: str = "desc",
     ) -> tuple[int, list[Service]]:
         """``project_id=None`` lists every project's services (for the reconciler)."""
-        if sort_by not in SERVICE_SORT_KEYS:
-            raise ValueError(f"sort_by must be one of {SERVICE_SORT_KEYS}")
-        if order not in ("asc", "desc"):
-            raise ValueError("order must be asc or desc")
+        _check_sort(sort_by, SERVICE_SORT_KEYS, order)
         q = select(Service)
         if project_id is not None:
             q = q.where(Service.project_id == project_id)
