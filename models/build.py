@@ -119,7 +119,8 @@ def build_torchscript(version_dir: Path) -> Path:
     torch.jit.save(scripted, str(out))
     _write_json(version_dir / SIGNATURE_FILE, _signature())
     _write_json(
-        version_dir / "config.json", {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": out.name}
+        version_dir / "config.json",
+        {"engine": "PyTorch", "runtime": runtime_name("torch", "pytorch"), "model_file": out.name},
     )
     return out
 
@@ -136,7 +137,8 @@ def build_torch_export(version_dir: Path) -> Path:
     torch.export.save(program, str(out))
     _write_json(version_dir / SIGNATURE_FILE, _signature())
     _write_json(
-        version_dir / "config.json", {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": out.name}
+        version_dir / "config.json",
+        {"engine": "PyTorch", "runtime": runtime_name("torch", "pytorch"), "model_file": out.name},
     )
     return out
 

@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtimes.base import ModelAdapter, Placement, read_model_config
+from runtimes.base import ModelAdapter, ModelConfig, Placement, read_model_config
 from runtimes.errors import EngineUnavailableError
 
 
@@ -57,16 +57,24 @@ def adapter_class(engine: str) -> type[ModelAdapter]:
     return cls
 
 
-def make_adapter(model_dir: str | Path, name: str | None = None, placement: Placement | None = None) -> ModelAdapter:
-    """Build (not load) the adapter for a model version folder from its ``config.json``."""
-    config = read_model_config(model_dir)
+def make_adapter(
+    model_dir: str | Path,
+    name: str | None = None,
+    placement: Placement | None = None,
+    config: ModelConfig | None = None,
+) -> ModelAdapter:
+    """Build (not load) the adapter for a model version folder; ``config`` defaults to its ``config.json``."""
+    config = config or read_model_config(model_dir)
     return adapter_class(config.engine)(model_dir, config, name=name, placement=placement)
 
 
 async def load_model(
-    model_dir: str | Path, name: str | None = None, placement: Placement | None = None
+    model_dir: str | Path,
+    name: str | None = None,
+    placement: Placement | None = None,
+    config: ModelConfig | None = None,
 ) -> ModelAdapter:
     """Build and load the adapter for a model version folder."""
-    adapter = make_adapter(model_dir, name=name, placement=placement)
+    adapter = make_adapter(model_dir, name=name, placement=placement, config=config)
     await adapter.load()
     return adapter

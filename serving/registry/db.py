@@ -157,6 +157,11 @@ class Registry:
         with self.session() as s:
             return s.scalar(select(Token.project_id).where(Token.token_hash == hash_token(token)))
 
+    def count_tokens(self) -> int:
+        """How many tokens are stored; any at all turns auth on."""
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(Token)) or 0
+
     # models ---------------------------------------------------------------------------------------------------
     def add_model(
         self,
@@ -172,6 +177,7 @@ class Registry:
         specification: dict[str, Any] | None = None,
         model_size: int = 0,
         custom: dict[str, Any] | None = None,
+        engine_config: dict[str, Any] | None = None,
         model_status: str = "publishing",
         create_at: int | None = None,
     ) -> str:
@@ -190,6 +196,7 @@ class Registry:
             model_size=model_size,
             model_status=model_status,
             custom=custom,
+            engine_config=engine_config,
             create_at=now_ms() if create_at is None else create_at,
         )
         try:

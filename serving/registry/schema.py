@@ -41,6 +41,7 @@ class Model(Base):
     error_msg: Mapped[str | None] = mapped_column(Text, nullable=True)
     signature: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     custom: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    engine_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     create_at: Mapped[int] = mapped_column(BigInteger)
 
 

@@ -186,11 +186,22 @@ def test_migration_idempotent_keeps_data(tmp_path: Path) -> None:
     home = tmp_path / "h"
     r = open_registry(None, home, revision="0001")
     assert current_revision(r.engine) == "0001"
-    mid = r.add_model(P, model_name="keep", model_version="1.0.0", model_type="ONNX")
+    mid = "m-0001"
+    with r.session() as s:  # a row as revision 0001 wrote it (no engine_config column yet)
+        s.execute(
+            text(
+                "INSERT INTO models (model_id, project_id, model_name, model_version, model_type, runtime,"
+                " source_location, description, install_type, specification, model_size, model_status, create_at)"
+                " VALUES (:id, :p, 'keep', '1.0.0', 'ONNX', '', '/m', 'kept', '[\"real-time\"]', '{}', 7,"
+                " 'published', 1)"
+            ),
+            {"id": mid, "p": P},
+        )
     r.close()
     r2 = open_registry(None, home)
-    assert current_revision(r2.engine) == head_revision()
-    assert r2.get_model(P, mid).model_name == "keep"
+    assert current_revision(r2.engine) == head_revision() == "0002"
+    kept = r2.get_model(P, mid)
+    assert (kept.model_name, kept.model_size, kept.description, kept.engine_config) == ("keep", 7, "kept", None)
     with r2.session() as s:
         assert s.execute(text("PRAGMA journal_mode")).scalar() == "wal"
     r2.close()
