@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.settings import Settings, check_exposure
+from serving.settings import Settings
 
 
 def _cmd_runtimes(args: argparse.Namespace) -> int:
@@ -69,10 +69,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     settings = Settings(**overrides)
-    check_exposure(settings)
     from serving.launcher import run_up
 
     return run_up(settings)
+
+
+def _cmd_token_create(args: argparse.Namespace) -> int:
+    from serving.controlplane.auth import new_token
+    from serving.registry import open_registry
+
+    settings = Settings()
+    registry = open_registry(settings.database_url, settings.home)
+    try:
+        token = new_token()
+        registry.add_token(args.project, token, args.description)
+    finally:
+        registry.close()
+    # the only time the token is shown: the registry keeps its SHA-256 alone
+    print(token)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="join this Ray cluster")
     p.add_argument("--num-cpus", dest="num_cpus", type=int, help="CPUs for the embedded Ray")
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("token", help="manage the API tokens (each belongs to one project)")
+    token_sub = p.add_subparsers(dest="token_command", required=True)
+    t = token_sub.add_parser("create", help="create a token for a project and print it once")
+    t.add_argument("--project", required=True, help="the project the token opens")
+    t.add_argument("--description", default="", help="what the token is for")
+    t.set_defaults(func=_cmd_token_create)
     return parser
 
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import runpy
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from serving.settings import Settings
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from serving.controlplane.manager import DEFAULT_PROJECT, Manager
+from serving.registry import Registry, open_registry
+from serving.registry.schema import Model
+from serving.settings import Settings, check_exposure
 
 log = logging.getLogger("enginehouse")
 
@@ -60,15 +69,86 @@ def start_ray(settings: Settings) -> None:
     serve.start(http_options={"host": settings.data_host, "port": settings.data_port})
 
 
-def deploy(services: dict[str, dict[str, Any]], replica_cpus: float) -> None:
-    """Deploy every service as its own Ray Serve application under ``/v1/infers/{service_id}``."""
-    from serving.dataplane import deploy as serve_apps
+def seed_examples(manager: Manager, services: dict[str, dict[str, Any]], replica_cpus: float) -> None:
+    """On first start (no model and no service yet), register every example version and deploy one service
+    per example model, every version at an equal weight, through the same code as the API."""
+    from runtimes.base import read_model_config
+    from serving.controlplane.schemas import CustomSpec, ModelCreate, ServiceConfigEntry, ServiceCreate
 
-    for sid, svc in services.items():
-        serve_apps.put(serve_apps.service_app(sid, svc["versions"], num_cpus=replica_cpus))
-        log.info("deploying service %s (%d version(s))", sid, len(svc["versions"]))
-    for sid in services:
-        serve_apps.wait_running(sid)
+    reg = manager.registry
+    if reg.list_models(DEFAULT_PROJECT, limit=1)[0] or reg.list_services(DEFAULT_PROJECT, limit=1)[0]:
+        return
+    for name, svc in services.items():
+        entries = []
+        for v in svc["versions"]:
+            cfg = read_model_config(v["model_dir"])
+            model_id = manager.register_model(
+                DEFAULT_PROJECT,
+                ModelCreate(
+                    model_name=name,
+                    model_version=v["version"],
+                    model_type=cfg.engine,
+                    source_location=v["model_dir"],
+                    description=f"example model {name} from {Path(v['model_dir']).parent.parent}",
+                    start_command=cfg.start_command,
+                    image=cfg.image,
+                    port=cfg.port,
+                    health_path=cfg.health_path,
+                ),
+            )
+            entries.append(
+                ServiceConfigEntry(
+                    model_id=model_id,
+                    weight=v["weight"],
+                    specification="custom",
+                    custom_spec=CustomSpec(cpu=replica_cpus),
+                )
+            )
+        manager.create_service(
+            DEFAULT_PROJECT, ServiceCreate(service_name=name, description=f"example service {name}", config=entries)
+        )
+        log.info("registered example %s (%d version(s))", name, len(entries))
+
+
+def resume(manager: Manager) -> None:
+    """After a restart: validate again the models whose validation the last run did not finish."""
+    reg = manager.registry
+    with reg.session() as s:
+        pending = s.execute(select(Model.project_id, Model.model_id).where(Model.model_status == "publishing")).all()
+    for project, model_id in pending:
+        manager.validate_later(project, model_id)
+
+
+def control_plane(
+    settings: Settings, registry: Registry, seed: dict[str, dict[str, Any]] | None = None
+) -> tuple[FastAPI, Manager]:
+    """The control-plane app with its manager and reconciler, started and stopped by the app's lifespan."""
+    from serving.controlplane.app import create_app
+    from serving.controlplane.auth import Authenticator
+    from serving.controlplane.reconciler import Reconciler
+
+    reconciler = Reconciler(registry, settings.reconcile_interval_s)
+    manager = Manager(
+        registry=registry,
+        data_address=f"http://{settings.data_host}:{settings.data_port}",
+        roots=settings.roots(),
+        wake=reconciler.wake,
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        manager.loop = asyncio.get_running_loop()
+        task = asyncio.create_task(reconciler.run())
+        await asyncio.to_thread(resume, manager)
+        if seed:
+            await asyncio.to_thread(seed_examples, manager, seed, settings.replica_cpus)
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    app = create_app(manager, Authenticator(registry, settings.tokens()), lifespan=lifespan)
+    return app, manager
 
 
 def run_up(settings: Settings) -> int:
@@ -76,18 +156,16 @@ def run_up(settings: Settings) -> int:
     import ray
     import uvicorn
 
-    from serving.controlplane.app import create_app
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    registry = open_registry(settings.database_url, settings.home)
+    check_exposure(settings, registry.count_tokens())
     repo = settings.model_repository
     build = repo / "build.py"
     if build.is_file():  # example models are built by code, never downloaded
         runpy.run_path(str(build), run_name="enginehouse_build")["ensure_examples"](repo)
-    services = discover(repo)
     start_ray(settings)
     try:
-        deploy(services, settings.replica_cpus)
-        app = create_app(services, f"http://{settings.data_host}:{settings.data_port}")
+        app, _ = control_plane(settings, registry, seed=discover(repo))
         log.info(
             "control plane on http://%s:%d, data plane on http://%s:%d",
             settings.host,
@@ -105,8 +183,8 @@ def run_up(settings: Settings) -> int:
         if settings.address:  # a joined cluster is not ours to stop: remove only our applications
             from serving.dataplane import deploy as serve_apps
 
-            for sid in services:
-                serve_apps.remove(sid)
+            serve_apps.sync({})
         # the embedded Ray takes its Serve actors down with it (serve.shutdown() first waits 30 s here)
         ray.shutdown()
+        registry.close()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -26,6 +27,22 @@ class Settings(BaseSettings):
     num_cpus: int | None = Field(default=None, gt=0, description="CPUs given to the embedded Ray.")
     auth_tokens: str = Field(default="", description="Comma-separated `project:token` pairs; empty: no auth.")
     replica_cpus: float = Field(default=0.25, gt=0, le=64, description="CPU reserved per example replica.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the registry; None: a SQLite file `registry.db` under `home`."
+    )
+    allowed_roots: str = Field(
+        default="",
+        description="Folders (os.pathsep-separated) a model's source_location may be under; empty: the model "
+        "repository and `home`/models.",
+    )
+    reconcile_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often the reconciler compares the registry with Ray Serve."
+    )
+
+    def roots(self) -> list[Path]:
+        """The allowed source roots, resolved (symlinks followed) once."""
+        given = [Path(p) for p in self.allowed_roots.split(os.pathsep) if p.strip()]
+        return [p.expanduser().resolve() for p in given or [self.model_repository, self.home / "models"]]
 
     def tokens(self) -> dict[str, str]:
         """``{token: project}`` from ``auth_tokens``."""
@@ -48,11 +65,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(settings: Settings) -> None:
-    """Refuse to bind beyond loopback with auth off: anyone on the network could use the models."""
+def check_exposure(settings: Settings, stored_tokens: int = 0) -> None:
+    """Refuse to bind beyond loopback with auth off: anyone on the network could use the models.
+
+    ``stored_tokens`` counts the tokens in the registry (``enginehouse token create``); any token turns auth on.
+    """
     exposed = [h for h in (settings.host, settings.data_host) if not is_loopback(h)]
-    if exposed and not settings.tokens():
+    if exposed and not settings.tokens() and not stored_tokens:
         raise SystemExit(
             f"refusing to listen on {', '.join(exposed)} with no tokens: set ENGINEHOUSE_AUTH_TOKENS="
-            "'project:token' (or bind to 127.0.0.1)"
+            "'project:token' or run `enginehouse token create --project P` (or bind to 127.0.0.1)"
         )

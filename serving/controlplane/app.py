@@ -1,57 +1,192 @@
-"""The control-plane FastAPI application (management API, catalogue, health)."""
+"""The control-plane FastAPI application: routes only translate HTTP; ``Manager`` does the work."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from runtimes.errors import EnginehouseError
+from serving.controlplane import cluster
+from serving.controlplane.auth import Authenticator
+from serving.controlplane.errors import InvalidRequest
+from serving.controlplane.manager import Manager
+from serving.controlplane.schemas import (
+    InferType,
+    ModelCreate,
+    ModelStatus,
+    ModelType,
+    Order,
+    ServiceCreate,
+    ServiceStatus,
+    ServiceUpdate,
+)
+
+PAGE = Query(1000, ge=0, le=10_000)
 
 
-def create_app(services: dict[str, dict[str, Any]], data_address: str) -> FastAPI:
-    """The management app; ``services`` maps a deployed service's id to its description."""
-    app = FastAPI(title="Enginehouse control plane", version="0.1.0")
+def _where(loc: tuple[Any, ...]) -> str:
+    """``("body", "config", 0, "weight")`` -> ``config[0].weight``."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """One line per problem, each naming the field."""
+    problems = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            problems.append(f"body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+            continue
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        problems.append(f"{_where(tuple(err.get('loc', ())))}: {msg}")
+    return "; ".join(problems)
+
+
+def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> FastAPI:
+    """The management app over one manager; every project route checks the caller's token."""
+    app = FastAPI(title="Enginehouse control plane", version="0.1.0", lifespan=lifespan)
 
     @app.exception_handler(EnginehouseError)
     async def _enginehouse_error(_: Request, exc: EnginehouseError) -> JSONResponse:
         return JSONResponse({"error_code": exc.error_code, "error_msg": exc.message}, status_code=exc.status_code)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = InvalidRequest(validation_message(exc))
+        return JSONResponse({"error_code": err.error_code, "error_msg": err.message}, status_code=err.status_code)
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/{project_id}/models/ai-engine-runtimes")
-    async def engine_runtimes(
+    api = APIRouter(dependencies=[Depends(auth.check)])
+    # first, so that /services/specifications is matched before /services/{service_id}
+    api.include_router(cluster.router)
+
+    @api.get("/v1/{project_id}/models/ai-engine-runtimes")
+    def engine_runtimes(
         project_id: str, limit: int | None = Query(None, ge=1), offset: int = Query(0, ge=0)
     ) -> dict[str, Any]:
         from runtimes.catalogue import build_catalogue, paginate
 
         return paginate(build_catalogue(), limit, offset)
 
-    @app.get("/v1/{project_id}/services")
-    async def list_services(project_id: str) -> dict[str, Any]:
-        from ray import serve
+    # models ---------------------------------------------------------------------------------------------
+    @api.post("/v1/{project_id}/models")
+    def register_model(project_id: str, body: ModelCreate) -> dict[str, str]:
+        return {"model_id": manager.register_model(project_id, body)}
 
-        status = serve.status().applications
-        items = []
-        for sid, svc in services.items():
-            app_status = status.get(sid)
-            state = str(app_status.status.value if app_status else "NOT_STARTED").lower()
-            items.append(
+    @api.get("/v1/{project_id}/models")
+    def list_models(
+        project_id: str,
+        model_name: str | None = Query(None, max_length=128),
+        exact_match: bool = False,
+        model_version: str | None = Query(None, max_length=32),
+        model_status: ModelStatus | None = None,
+        description: str | None = Query(None, max_length=1000),
+        model_type: ModelType | None = None,
+        not_model_type: ModelType | None = None,
+        workspace_id: str | None = Query(None, max_length=64),
+        offset: int = Query(0, ge=0),
+        limit: int = PAGE,
+        sort_by: str = Query("create_at", pattern="^(create_at|model_version|model_size)$"),
+        order: Order = "desc",
+    ) -> dict[str, Any]:
+        if model_type and not_model_type:
+            raise InvalidRequest("model_type and not_model_type cannot be given together")
+        total, rows = manager.registry.list_models(
+            project_id,
+            model_name=model_name,
+            exact_match=exact_match,
+            model_version=model_version,
+            model_status=model_status,
+            description=description,
+            model_type=model_type,
+            not_model_type=not_model_type,
+            offset=offset,
+            limit=limit,
+            sort_by=sort_by,
+            order=order,
+        )
+        return {"total_count": total, "count": len(rows), "models": [manager.model_view(m) for m in rows]}
+
+    @api.get("/v1/{project_id}/models/{model_id}")
+    def get_model(project_id: str, model_id: str) -> dict[str, Any]:
+        return manager.model_view(manager.registry.get_model(project_id, model_id), detail=True)
+
+    @api.delete("/v1/{project_id}/models/{model_id}")
+    def delete_model(project_id: str, model_id: str) -> dict[str, str]:
+        manager.registry.delete_model(project_id, model_id)
+        return {"model_id": model_id}
+
+    # services -------------------------------------------------------------------------------------------
+    @api.post("/v1/{project_id}/services")
+    def create_service(project_id: str, body: ServiceCreate) -> dict[str, str]:
+        return {"service_id": manager.create_service(project_id, body)}
+
+    @api.get("/v1/{project_id}/services")
+    def list_services(
+        project_id: str,
+        service_name: str | None = Query(None, max_length=128),
+        status: ServiceStatus | None = None,
+        infer_type: InferType | None = None,
+        offset: int = Query(0, ge=0),
+        limit: int = PAGE,
+        sort_by: str = Query("publish_at", pattern="^(publish_at|service_name|update_time)$"),
+        order: Order = "desc",
+    ) -> dict[str, Any]:
+        total, rows = manager.registry.list_services(
+            project_id,
+            service_name=service_name,
+            status=status,
+            infer_type=infer_type,
+            offset=offset,
+            limit=limit,
+            sort_by=sort_by,
+            order=order,
+        )
+        return {"total_count": total, "count": len(rows), "services": [manager.service_view(s) for s in rows]}
+
+    @api.get("/v1/{project_id}/services/{service_id}")
+    def get_service(project_id: str, service_id: str) -> dict[str, Any]:
+        return manager.service_view(manager.registry.get_service(project_id, service_id))
+
+    @api.put("/v1/{project_id}/services/{service_id}")
+    def update_service(project_id: str, service_id: str, body: ServiceUpdate) -> dict[str, Any]:
+        return manager.service_view(manager.update_service(project_id, service_id, body))
+
+    @api.delete("/v1/{project_id}/services/{service_id}")
+    def delete_service(project_id: str, service_id: str) -> dict[str, str]:
+        manager.delete_service(project_id, service_id)
+        return {"service_id": service_id}
+
+    @api.get("/v1/{project_id}/services/{service_id}/events")
+    def service_events(
+        project_id: str, service_id: str, offset: int = Query(0, ge=0), limit: int = PAGE
+    ) -> dict[str, Any]:
+        row = manager.registry.get_service(project_id, service_id)  # 404 for another project's service too
+        events = manager.registry.list_events(service_id)
+        page = events[offset : offset + limit]
+        return {
+            "service_id": row.service_id,
+            "service_name": row.service_name,
+            "total_count": len(events),
+            "count": len(page),
+            "events": [
                 {
-                    "service_id": sid,
-                    "service_name": svc["service_name"],
-                    "infer_type": "real-time",
-                    "status": {"running": "running", "deploying": "deploying"}.get(state, state),
-                    "access_address": f"{data_address}/v1/infers/{sid}",
-                    "config": [
-                        {"model_name": svc["model_name"], "model_version": v["version"], "weight": v["weight"]}
-                        for v in svc["versions"]
-                    ],
+                    "occur_time": e.time,
+                    "event_type": "abnormal" if e.event_type in ("failed", "concerning", "waiting") else "normal",
+                    "status": e.event_type,
+                    "event_info": e.reason,
                 }
-            )
-        return {"total_count": len(items), "count": len(items), "services": items}
+                for e in page
+            ],
+        }
 
+    app.include_router(api)
     return app

@@ -28,27 +28,43 @@ def service_app(
     num_replicas: int = 1,
     num_gpus: float = 0.0,
     route_prefix: str | None = None,
+    *,
+    memory_mb: int | None = None,
+    resources: dict[str, float] | None = None,
+    env_vars: dict[str, str] | None = None,
+    max_replicas: int | None = None,
 ) -> dict[str, Any]:
-    """The Serve application config of one service; weights live only in ``user_config``."""
+    """The Serve application config of one service; weights live only in ``user_config``.
+
+    ``max_replicas`` above ``num_replicas`` turns on Ray Serve autoscaling between the two.
+    """
     static = [{k: v for k, v in ver.items() if k != "weight"} for ver in versions]
+    actor_options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if memory_mb:
+        actor_options["memory"] = memory_mb * 1024 * 1024
+    if resources:
+        actor_options["resources"] = resources
+    if env_vars:
+        actor_options["runtime_env"] = {"env_vars": env_vars}
+    deployment: dict[str, Any] = {
+        "name": "replica",
+        "user_config": {"weights": {v["version"]: int(v.get("weight", 100)) for v in versions}},
+    }
+    if max_replicas and max_replicas > num_replicas:
+        deployment["autoscaling_config"] = {
+            "min_replicas": num_replicas,
+            "max_replicas": max_replicas,
+            # a batching replica is efficient with many requests in flight
+            "target_ongoing_requests": 16,
+        }
+    else:
+        deployment["num_replicas"] = num_replicas
     return {
         "name": service,
         "route_prefix": route_prefix or f"/v1/infers/{service}",
         "import_path": BUILDER,
-        "args": {
-            "service": service,
-            "versions": static,
-            "num_cpus": num_cpus,
-            "num_replicas": num_replicas,
-            "num_gpus": num_gpus,
-        },
-        "deployments": [
-            {
-                "name": "replica",
-                "num_replicas": num_replicas,
-                "user_config": {"weights": {v["version"]: int(v.get("weight", 100)) for v in versions}},
-            }
-        ],
+        "args": {"service": service, "versions": static, "actor_options": actor_options},
+        "deployments": [deployment],
     }
 
 
@@ -64,6 +80,17 @@ def put(app: dict[str, Any]) -> None:
     with _lock:
         _apps[app["name"]] = app
         _submit()
+
+
+def sync(apps: dict[str, dict[str, Any]]) -> bool:
+    """Make the desired set exactly ``apps``; submits only when it changed. Returns True when it submitted."""
+    with _lock:
+        if apps == _apps:
+            return False
+        _apps.clear()
+        _apps.update(apps)
+        _submit()
+        return True
 
 
 def remove(name: str) -> None:

@@ -16,7 +16,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from runtimes.base import ModelAdapter, Placement
+from runtimes.base import ModelAdapter, ModelConfig, Placement
 from runtimes.errors import EnginehouseError, InvalidInputError
 from runtimes.registry import load_model
 from serving.dataplane.codec import decode_request, encode_response
@@ -48,8 +48,10 @@ class ServiceReplica:
         self.adapters: dict[str, ModelAdapter] = {}
         placement = _placement(num_cpus)
         for v in versions:
+            # a registered model carries its engine config; a bare folder has it in config.json
+            config = ModelConfig.model_validate(v["config"]) if v.get("config") else None
             self.adapters[v["version"]] = await load_model(
-                v["model_dir"], name=f"{service}:{v['version']}", placement=placement
+                v["model_dir"], name=f"{service}:{v['version']}", placement=placement, config=config
             )
         self._names: list[str] = list(self.adapters)
         self._weights: list[int] = [int(v.get("weight", 100)) for v in versions]
@@ -114,27 +116,21 @@ class _UnknownVersion(EnginehouseError):
         super().__init__(f"service {service} has no model version {version}; versions: {', '.join(known)}")
 
 
-def build_app(
-    service: str, versions: list[dict[str, Any]], num_cpus: float, num_replicas: int = 1, num_gpus: float = 0.0
-) -> serve.Application:
-    """The Ray Serve application of one service: ingress replicas that run the engines themselves."""
+def build_app(service: str, versions: list[dict[str, Any]], actor_options: dict[str, Any]) -> serve.Application:
+    """The Ray Serve application of one service: ingress replicas that run the engines themselves.
+
+    Replica counts, autoscaling and weights come from the config's ``deployments`` entry (see
+    ``serving.dataplane.deploy.service_app``), so they change without a new code version.
+    """
     deployment = serve.deployment(
         name="replica",
-        num_replicas=num_replicas,
         # batching needs many requests in flight per replica; Ray's default of 5 would cap throughput
         max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", "64")),
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
-        user_config={"weights": {v["version"]: int(v.get("weight", 100)) for v in versions}},
+        ray_actor_options=actor_options,
     )(ServiceReplica)
-    return deployment.bind(service, versions, num_cpus)
+    return deployment.bind(service, versions, float(actor_options.get("num_cpus", 1.0)))
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Application builder named by the declarative config (see ``serving.dataplane.deploy``)."""
-    return build_app(
-        args["service"],
-        args["versions"],
-        num_cpus=float(args.get("num_cpus", 1.0)),
-        num_replicas=int(args.get("num_replicas", 1)),
-        num_gpus=float(args.get("num_gpus", 0.0)),
-    )
+    return build_app(args["service"], args["versions"], dict(args.get("actor_options") or {"num_cpus": 1.0}))
