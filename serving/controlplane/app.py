@@ -47,9 +47,26 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(problems)
 
 
+class JsonBodies:
+    """ASGI middleware: a management request body is JSON whatever its Content-Type says.
+
+    ``curl -d`` labels bodies ``application/x-www-form-urlencoded``; refusing those would only confuse.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> FastAPI:
     """The management app over one manager; every project route checks the caller's token."""
     app = FastAPI(title="Enginehouse control plane", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(JsonBodies)
 
     @app.exception_handler(EnginehouseError)
     async def _enginehouse_error(_: Request, exc: EnginehouseError) -> JSONResponse:

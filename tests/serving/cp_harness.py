@@ -35,11 +35,18 @@ class ControlPlane:
         self.client.close()
 
 
-def start_control_plane(settings: Settings, registry: Registry, **kwargs: Any) -> ControlPlane:
-    """Start the control-plane app on a free loopback port in a thread and wait until it answers."""
+def start_control_plane(settings: Settings, registry: Registry, reconcile: bool = True, **kwargs: Any) -> ControlPlane:
+    """Start the control-plane app on a free loopback port in a thread and wait until it answers.
+
+    ``reconcile=False`` skips the app's lifespan (no reconciler, no background validation): for tests of the
+    API alone beside another control plane, since this process has one Ray Serve application set.
+    """
     app, manager = control_plane(settings, registry, **kwargs)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on" if reconcile else "off"
+    )
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="control-plane", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
