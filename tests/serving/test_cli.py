@@ -62,12 +62,14 @@ def test_runtimes_json_has_the_reference_shape() -> None:
     assert {"PyTorch", "TensorFlow", "ONNX", "MindSpore", "Custom"} <= engines
 
 
-def test_up_refuses_a_public_bind_without_tokens() -> None:
+def test_up_refuses_a_public_bind_without_tokens(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "ENGINEHOUSE_AUTH_TOKENS": "", "ENGINEHOUSE_HOME": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "serving.cli", "up", "--host", "0.0.0.0"],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "ENGINEHOUSE_AUTH_TOKENS": ""},
+        env=env,
     )
     assert proc.returncode != 0 and "refusing to listen on 0.0.0.0" in proc.stderr
+    assert not list(tmp_path.glob("ray*")), "refused before Ray started"

@@ -19,6 +19,8 @@ def test_refuses_public_bind_without_tokens() -> None:
         check_exposure(Settings(data_host="0.0.0.0", auth_tokens=""))
     check_exposure(Settings(host="0.0.0.0", data_host="0.0.0.0", auth_tokens="default:s3cret"))
     check_exposure(Settings())
+    # a token made with `enginehouse token create` (in the registry) is enough too
+    check_exposure(Settings(host="0.0.0.0", auth_tokens=""), stored_tokens=1)
 
 
 def test_tokens_parse_and_reject_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
