@@ -227,6 +227,13 @@ class Reconciler:
             self._set(row, "deploying", "submitted to Ray Serve", progress=max(row.progress, 40))
             return
         status = app.status.value
+        stale = status == "DEPLOY_FAILED" and app.last_deployed_time_s * 1000 < row.operation_time
+        if status == "DELETING" or stale:
+            # the failure (or the removal) predates the user's restart: let the old application go first,
+            # then the next ticks submit it afresh
+            desired.pop(row.service_id, None)
+            self._set(row, "deploying", "replacing the previous deployment", progress=max(row.progress, 10))
+            return
         dep = app.deployments.get("replica")
         states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
         running = states.get("RUNNING", 0)

@@ -35,7 +35,7 @@ def test_torchscript_build_writes_signature_and_config(tmp_path: Path) -> None:
     build_torchscript(tmp_path)
     assert json.loads((tmp_path / "signature.json").read_text())["inputs"][0]["shape"] == [-1, IN]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config == {"engine": "PyTorch", "runtime": runtime_name("torch"), "model_file": "model.pt"}
+    assert config == {"engine": "PyTorch", "runtime": runtime_name("torch", "pytorch"), "model_file": "model.pt"}
     assert "+" not in config["runtime"]  # torch's local label "+cpu" is not part of the runtime name
 
 
