@@ -90,6 +90,8 @@ def plan(row: Service, models: dict[str, Model], nodes: list[cluster.NodeInfo]) 
                 "model_dir": model.engine_config["model_dir"],
                 "config": model.engine_config["config"],
                 "weight": e["weight"],
+                "max_batch_size": e.get("max_batch_size", 32),
+                "batch_timeout_ms": e.get("batch_timeout_ms", 0.0),
             }
         )
         envs.update(e.get("envs") or {})
@@ -105,6 +107,7 @@ def plan(row: Service, models: dict[str, Model], nodes: list[cluster.NodeInfo]) 
         resources=npu or None,
         env_vars=envs or None,
         max_replicas=replicas * 4 if scaling else None,
+        service_name=row.service_name,
     )
     demand = {"CPU": cpu, "GPU": gpu, "memory": float(memory * MB), **npu}
     return ReplicaPlan(app=app, demand=demand, replicas=replicas, autoscaling=scaling)
@@ -125,6 +128,7 @@ class Reconciler:
 
     def __init__(self, registry: Registry, interval_s: float = 1.0) -> None:
         self.registry = registry
+        self._sink: Any = None  # the replicas' counter batches wait there for us
         self.interval_s = interval_s
         self._event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -163,6 +167,18 @@ class Reconciler:
             except NotFound:
                 continue  # deleted under us
         deploy.sync(desired)
+        self._collect_counts()
+
+    def _collect_counts(self) -> None:
+        from serving.dataplane import counters
+
+        if self._sink is None:
+            self._sink = counters.start_sink()
+        try:
+            counters.drain(self._sink, self.registry.apply_counts)
+        except Exception:
+            self._sink = None  # gone with its node: a new one is made next tick; replicas resend
+            raise
 
     def _set(self, row: Service, status: str, reason: str = "", **fields: Any) -> None:
         if status == row.status and all(getattr(row, k) == v for k, v in fields.items()):

@@ -33,6 +33,7 @@ def service_app(
     resources: dict[str, float] | None = None,
     env_vars: dict[str, str] | None = None,
     max_replicas: int | None = None,
+    service_name: str | None = None,
 ) -> dict[str, Any]:
     """The Serve application config of one service; weights live only in ``user_config``.
 
@@ -63,7 +64,12 @@ def service_app(
         "name": service,
         "route_prefix": route_prefix or f"/v1/infers/{service}",
         "import_path": BUILDER,
-        "args": {"service": service, "versions": static, "actor_options": actor_options},
+        "args": {
+            "service": service,
+            "service_name": service_name or service,
+            "versions": static,
+            "actor_options": actor_options,
+        },
         "deployments": [deployment],
     }
 

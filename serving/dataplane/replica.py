@@ -1,27 +1,43 @@
 """The service replica: one Ray Serve deployment that receives a request and runs the engine itself.
 
 One hop on the hot path (see docs/architecture.md): the ingress replica picks the model version by the
-service's weights (or ``X-Model-Version``), decodes the payload, runs that version's adapter and encodes
-the answer. Weights arrive through ``reconfigure`` so they change live, with no redeploy.
+service's weights (or ``X-Model-Version``, or ``/versions/{v}`` in an OIP path), decodes the payload (OIP v2
+JSON, the binary tensor extension, or ``instances``), queues it for that version's dynamic batcher, and
+encodes the answer. Weights arrive through ``reconfigure`` so they change live, with no redeploy. Counts
+leave through ``serving.dataplane.counters`` in batches, off the request path.
+
+Paths under the service's ``access_address``: ``POST /`` (infer), and the Open Inference Protocol v2 routes
+``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]``,
+``.../ready`` and ``POST .../infer`` (so ``tritonclient`` works with the access address as its URL).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import orjson
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
 from runtimes.base import ModelAdapter, ModelConfig, Placement
-from runtimes.errors import EnginehouseError, InvalidInputError
+from runtimes.errors import EnginehouseError, InvalidInputError, ModelNotReadyError
 from runtimes.registry import load_model
+from serving.dataplane.binary import decode_binary, encode_binary, wants_binary_output
 from serving.dataplane.codec import decode_request, encode_response
+from serving.dataplane.counters import Tally
 
 JSON = "application/json"
+HEADER_LENGTH = "inference-header-content-length"
+#: bodies above this many bytes are refused with 413 (``ENGINEHOUSE_MAX_BODY_MB``)
+MAX_BODY = int(float(os.environ.get("ENGINEHOUSE_MAX_BODY_MB", "64")) * 1024 * 1024)
+_OIP_MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?/?$")
 
 
 def _placement(num_cpus: float) -> Placement:
@@ -33,8 +49,111 @@ def _placement(num_cpus: float) -> Placement:
     return Placement(device="cuda:0" if gpu_ids else "cpu", cpu_threads=max(1, round(num_cpus)), gpu_ids=gpu_ids)
 
 
-def _error(exc: EnginehouseError) -> Response:
-    return Response(orjson.dumps({"error": exc.message}), status_code=exc.status_code, media_type=JSON)
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type=JSON)
+
+
+class UnknownVersion(EnginehouseError):
+    status_code = 404
+    error_code = "EH.0201"
+
+    def __init__(self, service: str, version: str, known: list[str]) -> None:
+        super().__init__(f"service {service} has no model version {version}; versions: {', '.join(known)}")
+
+
+class UnknownRoute(EnginehouseError):
+    """A path or model name the service does not serve."""
+
+    status_code = 404
+    error_code = "EH.0202"
+
+
+class BodyTooLarge(EnginehouseError):
+    status_code = 413
+    error_code = "EH.0203"
+
+
+def _shape_key(inputs: dict[str, np.ndarray]) -> tuple[Any, ...] | None:
+    """What must match for requests to share a batch: names, dtypes, every dimension but the first.
+
+    None when the inputs disagree on their first dimension (such a request runs alone).
+    """
+    rows = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
+    if len(rows) != 1 or -1 in rows:
+        return None
+    return tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
+
+
+class VersionBatcher:
+    """Dynamic batching of one model version through Ray Serve's ``@serve.batch``.
+
+    Requests whose inputs agree on everything but the first dimension are concatenated into one engine
+    call and split back by their row counts; others run on their own. Models whose inputs have no
+    dynamic first dimension are never batched.
+    """
+
+    def __init__(self, adapter: ModelAdapter, max_batch_size: int, timeout_ms: float) -> None:
+        self.adapter = adapter
+        sig = adapter.signature
+        self.batchable = bool(sig and sig.inputs and all(t.shape and t.shape[0] == -1 for t in sig.inputs))
+        self.max_batch_size = max_batch_size
+        self.sizes: list[int] = []  # engine batch sizes seen, read by metrics
+        self._batched: Callable[[dict[str, np.ndarray]], Awaitable[Any]] = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=timeout_ms / 1000,
+            # a batch is sized in rows, so one 8-row request counts as 8
+            batch_size_fn=lambda items: sum(_rows(i) for i in items),
+        )(self._run_batch)
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Validate now (errors are this request's alone), then run in a batch."""
+        checked = self.adapter.validate(inputs)
+        if not self.batchable or _shape_key(checked) is None or _rows(checked) >= self.max_batch_size:
+            self.sizes.append(_rows(checked))
+            return await self.adapter.infer(checked)
+        result = await self._batched(checked)
+        if isinstance(result, BaseException):  # the batch handler hands each request its own outcome
+            raise result
+        return dict(result)
+
+    async def _run_batch(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | BaseException]:
+        groups: dict[Any, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(_shape_key(item), []).append(i)
+        results: list[dict[str, np.ndarray] | BaseException] = [{}] * len(items)
+        for idx in groups.values():
+            await self._run_group([items[i] for i in idx], idx, results)
+        return results
+
+    async def _run_group(
+        self, group: list[dict[str, np.ndarray]], idx: list[int], results: list[dict[str, np.ndarray] | BaseException]
+    ) -> None:
+        merged = group[0] if len(group) == 1 else {n: np.concatenate([g[n] for g in group]) for n in group[0]}
+        rows = [_rows(g) for g in group]
+        self.sizes.append(sum(rows))
+        try:
+            out = await self.adapter.infer(merged)
+        except Exception as exc:  # every request of the batch gets the engine's error
+            for i in idx:
+                results[i] = exc
+            return
+        total = sum(rows)
+        if len(group) > 1 and not all(o.ndim and o.shape[0] == total for o in out.values()):
+            # outputs are not batch-major: run each request on its own instead of guessing a split
+            for i, g in zip(idx, group, strict=True):
+                try:
+                    results[i] = await self.adapter.infer(g)
+                except Exception as exc:
+                    results[i] = exc
+            return
+        starts = np.cumsum([0, *rows])
+        for k, i in enumerate(idx):
+            results[i] = {name: o[starts[k] : starts[k + 1]] for name, o in out.items()}
+
+
+def _rows(inputs: dict[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 class ServiceReplica:
@@ -42,19 +161,28 @@ class ServiceReplica:
 
     # Ray Serve awaits an async constructor, so loading every engine never blocks the replica's loop
     async def __init__(  # type: ignore[misc]
-        self, service: str, versions: list[dict[str, Any]], num_cpus: float = 1.0
+        self, service: str, versions: list[dict[str, Any]], num_cpus: float = 1.0, service_name: str | None = None
     ) -> None:
         self.service = service
+        self.name = service_name or service
         self.adapters: dict[str, ModelAdapter] = {}
+        self.batchers: dict[str, VersionBatcher] = {}
         placement = _placement(num_cpus)
         for v in versions:
             # a registered model carries its engine config; a bare folder has it in config.json
             config = ModelConfig.model_validate(v["config"]) if v.get("config") else None
-            self.adapters[v["version"]] = await load_model(
-                v["model_dir"], name=f"{service}:{v['version']}", placement=placement, config=config
+            adapter = await load_model(
+                v["model_dir"], name=f"{self.name}:{v['version']}", placement=placement, config=config
             )
+            self.adapters[v["version"]] = adapter
+            if not hasattr(adapter, "forward"):
+                self.batchers[v["version"]] = VersionBatcher(
+                    adapter, int(v.get("max_batch_size", 32)), float(v.get("batch_timeout_ms", 0.0))
+                )
         self._names: list[str] = list(self.adapters)
         self._weights: list[int] = [int(v.get("weight", 100)) for v in versions]
+        self.tally = Tally(service)
+        self._flusher = asyncio.get_running_loop().create_task(self.tally.run())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live traffic weights: ``{"weights": {"1.0.0": 70, "2.0.0": 30}}``; no reload, no request lost."""
@@ -63,74 +191,162 @@ class ServiceReplica:
             self._names = [v for v in self.adapters if v in weights]
             self._weights = [int(weights[v]) for v in self._names]
 
-    def _pick(self, pinned: str | None) -> tuple[str, ModelAdapter]:
+    def _pick(self, pinned: str | None) -> str:
         if pinned:
-            adapter = self.adapters.get(pinned)
-            if adapter is None:
-                raise _UnknownVersion(self.service, pinned, list(self.adapters))
-            return pinned, adapter
-        version = self._names[0] if len(self._names) == 1 else random.choices(self._names, self._weights)[0]
-        return version, self.adapters[version]
+            if pinned not in self.adapters:
+                raise UnknownVersion(self.name, pinned, list(self.adapters))
+            return pinned
+        return self._names[0] if len(self._names) == 1 else random.choices(self._names, self._weights)[0]
 
     async def __call__(self, request: Request) -> Response:
+        root = request.scope.get("root_path", "")
+        path = request.url.path
+        sub = (path[len(root) :] if root and path.startswith(root) else path) or "/"
+        first = next(iter(self.adapters.values()))
+        if hasattr(first, "forward"):  # Custom engines get the request verbatim
+            return await self._forward(request, sub)
+        if request.method == "GET":
+            try:
+                return self._get(sub)
+            except EnginehouseError as exc:
+                return _json({"error": exc.message}, exc.status_code)
+        version = ""
         try:
-            version, adapter = self._pick(request.headers.get("x-model-version"))
-            body = await request.body()
-            if hasattr(adapter, "forward"):  # Custom engines get the request verbatim
-                return await self._forward(adapter, request, body)
+            pinned = request.headers.get("x-model-version")
+            if sub != "/":
+                m = _OIP_MODEL.match(sub)
+                if m is None or m["tail"] != "/infer":
+                    raise UnknownRoute(f"POST {sub} is not served; POST / or /v2/models/{self.name}/infer")
+                self._check_model(m["name"])
+                pinned = m["version"] or pinned
+            version = self._pick(pinned)
+            response = await self._infer(request, version)
+        except EnginehouseError as exc:
+            self.tally.add(version, True)
+            return _json({"error": exc.message}, exc.status_code)
+        self.tally.add(version, False)
+        return response
+
+    async def _infer(self, request: Request, version: str) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            raise BodyTooLarge(f"the body of {length} bytes is over the limit of {MAX_BODY} bytes")
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise BodyTooLarge(f"the body of {len(body)} bytes is over the limit of {MAX_BODY} bytes")
+        batcher = self.batchers[version]
+        signature = batcher.adapter.signature
+        header = request.headers.get(HEADER_LENGTH)
+        if header is not None:
+            try:
+                header_length = int(header)
+            except ValueError:
+                raise InvalidInputError(
+                    self.name, f"Inference-Header-Content-Length {header!r} is not an integer"
+                ) from None
+            inputs, meta = decode_binary(self.name, body, header_length, signature)
+        else:
             try:
                 payload = orjson.loads(body)
             except orjson.JSONDecodeError as exc:
-                raise InvalidInputError(adapter.name, f"body is not valid JSON: {exc}") from None
-            inputs, meta = decode_request(adapter.name, payload, adapter.signature)
-            outputs = await adapter.infer(inputs)
-            return Response(orjson.dumps(encode_response(self.service, version, outputs, meta)), media_type=JSON)
-        except EnginehouseError as exc:
-            return _error(exc)
+                raise InvalidInputError(self.name, f"body is not valid JSON: {exc}") from None
+            inputs, meta = decode_request(self.name, payload, signature)
+        outputs = await batcher.infer(inputs)
+        binary = wants_binary_output(meta) if not meta.get("instances") else False
+        if binary:
+            content, header_len = encode_binary(self.name, version, outputs, meta, binary)
+            return Response(
+                content,
+                media_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(header_len)},
+            )
+        return Response(orjson.dumps(encode_response(self.name, version, outputs, meta)), media_type=JSON)
 
-    async def _forward(self, adapter: Any, request: Request, body: bytes) -> Response:
-        root = request.scope.get("root_path", "")
-        path = request.url.path
-        sub = path[len(root) :] if root and path.startswith(root) else path
-        status, headers, content = await adapter.forward(
-            request.method, sub or "/", dict(request.headers), body, request.url.query
+    def _check_model(self, name: str) -> None:
+        if name not in (self.name, self.service):
+            raise UnknownRoute(f"this service serves model {self.name}, not {name}")
+
+    def _get(self, sub: str) -> Response:
+        if sub in ("/v2/health/live", "/v2/health/live/"):
+            return _json({"live": True})
+        if sub in ("/v2/health/ready", "/v2/health/ready/"):
+            ready = all(a.ready for a in self.adapters.values())
+            return _json({"ready": ready}, 200 if ready else 503)
+        if sub in ("/v2", "/v2/"):
+            return _json({"name": "enginehouse", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+        m = _OIP_MODEL.match(sub)
+        if m is None or m["tail"] == "/infer":
+            raise UnknownRoute(f"GET {sub} is not served")
+        self._check_model(m["name"])
+        versions = [m["version"]] if m["version"] else list(self.adapters)
+        if m["version"] and m["version"] not in self.adapters:
+            raise UnknownVersion(self.name, m["version"], list(self.adapters))
+        if m["tail"] == "/ready":
+            ready = all(self.adapters[v].ready for v in versions)
+            return _json({"name": self.name, "ready": ready}, 200 if ready else 503)
+        adapter = self.adapters[versions[0] if m["version"] else self._pick(None)]
+        if adapter.signature is None or not adapter.ready:
+            raise ModelNotReadyError(self.name)
+        return _json(
+            {
+                "name": self.name,
+                "versions": versions,
+                "platform": adapter.engine,
+                **adapter.signature.as_dict(),
+            }
         )
+
+    async def _forward(self, request: Request, sub: str) -> Response:
+        version = ""
+        try:
+            version = self._pick(request.headers.get("x-model-version"))
+            adapter: Any = self.adapters[version]
+            body = await request.body()
+            status, headers, content = await adapter.forward(
+                request.method, sub, dict(request.headers), body, request.url.query
+            )
+        except EnginehouseError as exc:
+            self.tally.add(version, True)
+            return _json({"error": exc.message}, exc.status_code)
+        self.tally.add(version, status >= 400)
         return Response(content, status_code=status, headers=headers)
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: every adapter must say it is healthy, else the replica restarts."""
         for version, adapter in self.adapters.items():
             if not await adapter.health():
-                raise RuntimeError(f"{self.service} version {version} is unhealthy")
+                raise RuntimeError(f"{self.name} version {version} is unhealthy")
 
     async def __del__(self) -> None:
+        self._flusher.cancel()
+        await self.tally.flush()  # hand over what this replica counted before it goes
         for adapter in self.adapters.values():
             await adapter.unload()
 
 
-class _UnknownVersion(EnginehouseError):
-    status_code = 404
-    error_code = "EH.0201"
-
-    def __init__(self, service: str, version: str, known: list[str]) -> None:
-        super().__init__(f"service {service} has no model version {version}; versions: {', '.join(known)}")
-
-
-def build_app(service: str, versions: list[dict[str, Any]], actor_options: dict[str, Any]) -> serve.Application:
+def build_app(
+    service: str, versions: list[dict[str, Any]], actor_options: dict[str, Any], service_name: str | None = None
+) -> serve.Application:
     """The Ray Serve application of one service: ingress replicas that run the engines themselves.
 
     Replica counts, autoscaling and weights come from the config's ``deployments`` entry (see
     ``serving.dataplane.deploy.service_app``), so they change without a new code version.
     """
+    biggest_batch = max((int(v.get("max_batch_size", 32)) for v in versions), default=32)
     deployment = serve.deployment(
         name="replica",
         # batching needs many requests in flight per replica; Ray's default of 5 would cap throughput
-        max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", "64")),
+        max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", str(max(64, 2 * biggest_batch)))),
         ray_actor_options=actor_options,
     )(ServiceReplica)
-    return deployment.bind(service, versions, float(actor_options.get("num_cpus", 1.0)))
+    return deployment.bind(service, versions, float(actor_options.get("num_cpus", 1.0)), service_name)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Application builder named by the declarative config (see ``serving.dataplane.deploy``)."""
-    return build_app(args["service"], args["versions"], dict(args.get("actor_options") or {"num_cpus": 1.0}))
+    return build_app(
+        args["service"],
+        args["versions"],
+        dict(args.get("actor_options") or {"num_cpus": 1.0}),
+        args.get("service_name"),
+    )
