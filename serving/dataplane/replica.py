@@ -17,6 +17,7 @@ import asyncio
 import os
 import random
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,7 +38,9 @@ JSON = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
 #: bodies above this many bytes are refused with 413 (``ENGINEHOUSE_MAX_BODY_MB``)
 MAX_BODY = int(float(os.environ.get("ENGINEHOUSE_MAX_BODY_MB", "64")) * 1024 * 1024)
-_OIP_MODEL = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer)?/?$")
+_OIP_MODEL = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer|/stats)?/?$"
+)
 
 
 def _placement(num_cpus: float) -> Placement:
@@ -97,7 +100,7 @@ class VersionBatcher:
         sig = adapter.signature
         self.batchable = bool(sig and sig.inputs and all(t.shape and t.shape[0] == -1 for t in sig.inputs))
         self.max_batch_size = max_batch_size
-        self.sizes: list[int] = []  # engine batch sizes seen, read by metrics
+        self.sizes: Counter[int] = Counter()  # engine calls per batch size (rows), for stats and metrics
         self._batched: Callable[[dict[str, np.ndarray]], Awaitable[Any]] = serve.batch(
             max_batch_size=max_batch_size,
             batch_wait_timeout_s=timeout_ms / 1000,
@@ -109,7 +112,7 @@ class VersionBatcher:
         """Validate now (errors are this request's alone), then run in a batch."""
         checked = self.adapter.validate(inputs)
         if not self.batchable or _shape_key(checked) is None or _rows(checked) >= self.max_batch_size:
-            self.sizes.append(_rows(checked))
+            self.sizes[_rows(checked)] += 1
             return await self.adapter.infer(checked)
         result = await self._batched(checked)
         if isinstance(result, BaseException):  # the batch handler hands each request its own outcome
@@ -130,7 +133,7 @@ class VersionBatcher:
     ) -> None:
         merged = group[0] if len(group) == 1 else {n: np.concatenate([g[n] for g in group]) for n in group[0]}
         rows = [_rows(g) for g in group]
-        self.sizes.append(sum(rows))
+        self.sizes[sum(rows)] += 1
         try:
             out = await self.adapter.infer(merged)
         except Exception as exc:  # every request of the batch gets the engine's error
@@ -284,6 +287,8 @@ class ServiceReplica:
         if m["tail"] == "/ready":
             ready = all(self.adapters[v].ready for v in versions)
             return _json({"name": self.name, "ready": ready}, 200 if ready else 503)
+        if m["tail"] == "/stats":  # Triton's statistics extension, for this replica
+            return _json({"model_stats": [self._stats(v) for v in versions]})
         adapter = self.adapters[versions[0] if m["version"] else self._pick(None)]
         if adapter.signature is None or not adapter.ready:
             raise ModelNotReadyError(self.name)
@@ -295,6 +300,17 @@ class ServiceReplica:
                 **adapter.signature.as_dict(),
             }
         )
+
+    def _stats(self, version: str) -> dict[str, Any]:
+        batcher = self.batchers.get(version)
+        sizes = batcher.sizes if batcher else Counter()
+        return {
+            "name": self.name,
+            "version": version,
+            "inference_count": sum(n * c for n, c in sizes.items()),
+            "execution_count": sum(sizes.values()),
+            "batch_stats": [{"batch_size": n, "compute_infer": {"count": c}} for n, c in sorted(sizes.items())],
+        }
 
     async def _forward(self, request: Request, sub: str) -> Response:
         version = ""

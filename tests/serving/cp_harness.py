@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,3 +68,59 @@ def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 90.0, every
             return last
         time.sleep(every_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last: {last!r}")
+
+
+def register(
+    c: httpx.Client, name: str, source: Path, model_type: str, version: str = "1.0.0", project: str = "default"
+) -> str:
+    """Register a model version; returns its id."""
+    r = c.post(
+        f"/v1/{project}/models",
+        json={"model_name": name, "model_version": version, "model_type": model_type, "source_location": str(source)},
+    )
+    assert r.status_code == 200, r.text
+    return str(r.json()["model_id"])
+
+
+def model_status(c: httpx.Client, model_id: str, wanted: str, project: str = "default") -> dict[str, Any]:
+    """Wait until the model reaches ``wanted``."""
+
+    def check() -> dict[str, Any] | None:
+        m = c.get(f"/v1/{project}/models/{model_id}").json()
+        return m if m["model_status"] == wanted else None
+
+    return dict(wait_for(f"model {model_id} {wanted}", check, timeout_s=120))
+
+
+def service(c: httpx.Client, sid: str, project: str = "default") -> dict[str, Any]:
+    """The service detail."""
+    r = c.get(f"/v1/{project}/services/{sid}")
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def reach(c: httpx.Client, sid: str, wanted: str, timeout_s: float = 120, project: str = "default") -> dict[str, Any]:
+    """Wait until the service reaches ``wanted``; fail at once if it fails instead."""
+    seen: list[str] = []
+
+    def check() -> dict[str, Any] | None:
+        s = service(c, sid, project)
+        if not seen or seen[-1] != s["status"]:
+            seen.append(s["status"])
+        if s["status"] == "failed" and wanted != "failed":
+            raise AssertionError(f"service failed: {s.get('error_msg')}")
+        return s if s["status"] == wanted else None
+
+    return dict(wait_for(f"service {sid} {wanted} (seen {seen})", check, timeout_s=timeout_s))
+
+
+def create(c: httpx.Client, name: str, config: list[dict[str, Any]], project: str = "default", **extra: Any) -> str:
+    """Create a service; returns its id."""
+    r = c.post(f"/v1/{project}/services", json={"service_name": name, "config": config, **extra})
+    assert r.status_code == 200, r.text
+    return str(r.json()["service_id"])
+
+
+def events(c: httpx.Client, sid: str, project: str = "default") -> list[dict[str, Any]]:
+    """The service's events, oldest first."""
+    return list(c.get(f"/v1/{project}/services/{sid}/events").json()["events"])

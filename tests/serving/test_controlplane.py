@@ -10,7 +10,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -20,7 +19,17 @@ from models.mlp_weights import mlp_reference
 from serving.controlplane.manager import disk_size
 from serving.registry import open_registry
 from serving.settings import Settings
-from tests.serving.cp_harness import ControlPlane, start_control_plane, wait_for
+from tests.serving.cp_harness import (
+    ControlPlane,
+    create,
+    events,
+    model_status,
+    reach,
+    register,
+    service,
+    start_control_plane,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 P = "default"
@@ -66,62 +75,15 @@ def env(serve_instance: str, example_models: Path, tmp_path_factory: pytest.Temp
     registry.close()
 
 
-def register(env: Env, name: str, source: Path, model_type: str, version: str = "1.0.0") -> str:
-    r = env.c.post(
-        f"/v1/{P}/models",
-        json={"model_name": name, "model_version": version, "model_type": model_type, "source_location": str(source)},
-    )
-    assert r.status_code == 200, r.text
-    return str(r.json()["model_id"])
-
-
-def model_status(env: Env, model_id: str, wanted: str) -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        m = env.c.get(f"/v1/{P}/models/{model_id}").json()
-        return m if m["model_status"] == wanted else None
-
-    return dict(wait_for(f"model {model_id} {wanted}", check, timeout_s=120))
-
-
-def service(env: Env, sid: str) -> dict[str, Any]:
-    r = env.c.get(f"/v1/{P}/services/{sid}")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def reach(env: Env, sid: str, wanted: str, timeout_s: float = 120) -> dict[str, Any]:
-    seen: list[str] = []
-
-    def check() -> dict[str, Any] | None:
-        s = service(env, sid)
-        if not seen or seen[-1] != s["status"]:
-            seen.append(s["status"])
-        if s["status"] == "failed" and wanted != "failed":
-            raise AssertionError(f"service failed: {s.get('error_msg')}")
-        return s if s["status"] == wanted else None
-
-    return dict(wait_for(f"service {sid} {wanted} (seen {seen})", check, timeout_s=timeout_s))
-
-
-def create(env: Env, name: str, config: list[dict[str, Any]], **extra: Any) -> str:
-    r = env.c.post(f"/v1/{P}/services", json={"service_name": name, "config": config, **extra})
-    assert r.status_code == 200, r.text
-    return str(r.json()["service_id"])
-
-
-def events(env: Env, sid: str) -> list[dict[str, Any]]:
-    return list(env.c.get(f"/v1/{P}/services/{sid}/events").json()["events"])
-
-
 @pytest.fixture(scope="module")
 def models(env: Env, example_models: Path) -> dict[str, str]:
     ids = {
-        "onnx": register(env, "mlp-onnx", example_models / "mlp-onnx" / "1.0.0", "ONNX"),
-        "ts": register(env, "mlp-ts", example_models / "mlp-torchscript" / "1.0.0", "PyTorch", "2.0.0"),
-        "tf": register(env, "mlp-tf", example_models / "mlp-savedmodel" / "1.0.0", "TensorFlow", "3.0.0"),
+        "onnx": register(env.c, "mlp-onnx", example_models / "mlp-onnx" / "1.0.0", "ONNX"),
+        "ts": register(env.c, "mlp-ts", example_models / "mlp-torchscript" / "1.0.0", "PyTorch", "2.0.0"),
+        "tf": register(env.c, "mlp-tf", example_models / "mlp-savedmodel" / "1.0.0", "TensorFlow", "3.0.0"),
     }
     for mid in ids.values():
-        model_status(env, mid, "published")
+        model_status(env.c, mid, "published")
     return ids
 
 
@@ -138,8 +100,8 @@ def autostop(env: Env, models: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def small(env: Env, models: dict[str, str], autostop: str) -> str:
-    sid = create(env, "small", [{"model_id": models["onnx"], "weight": 100, **CPU}])
-    reach(env, sid, "running")
+    sid = create(env.c, "small", [{"model_id": models["onnx"], "weight": 100, **CPU}])
+    reach(env.c, sid, "running")
     return sid
 
 
@@ -176,9 +138,9 @@ def test_three_engine_service_runs_splits_and_answers(env: Env, models: dict[str
         ],
         description="ONNX, TorchScript and SavedModel",
     )
-    first = service(env, sid)
+    first = service(env.c, sid)
     assert first["status"] in ("deploying", "running") and "access_address" in first
-    s = reach(env, sid, "running")
+    s = reach(env.c, sid, "running")
     assert s["access_address"] == f"http://127.0.0.1:{env.settings.data_port}/v1/infers/{sid}"
     assert {"publish_at", "update_time", "transition_at", "operation_time", "invocation_times", "failed_times"} <= set(
         s
@@ -199,7 +161,7 @@ def test_three_engine_service_runs_splits_and_answers(env: Env, models: dict[str
             )
             seen[out["model_version"]] = seen.get(out["model_version"], 0) + 1
     assert set(seen) == {"1.0.0", "2.0.0", "3.0.0"}, seen
-    kinds = [e["status"] for e in events(env, sid)]
+    kinds = [e["status"] for e in events(env.c, sid)]
     assert kinds[0] == "deploying" and kinds[-1] == "running"
 
     # weights change live: the same replicas, all new traffic on 3.0.0 within a few seconds
@@ -224,7 +186,7 @@ def test_three_engine_service_runs_splits_and_answers(env: Env, models: dict[str
         return set(versions) == {"3.0.0"}
 
     wait_for("weights 0/0/100", all_tf, timeout_s=20)
-    assert service(env, sid)["status"] == "running"
+    assert service(env.c, sid)["status"] == "running"
 
     # a model in use cannot be deleted
     r = env.c.delete(f"/v1/{P}/models/{models['ts']}")
@@ -238,8 +200,8 @@ def test_three_engine_service_runs_splits_and_answers(env: Env, models: dict[str
 def test_a_model_that_does_not_load_fails_with_the_engine_reason(env: Env) -> None:
     bad = env.models_dir / "garbage.onnx"
     bad.write_bytes(b"this is not an onnx file")
-    mid = register(env, "garbage", bad, "ONNX")
-    m = model_status(env, mid, "failed")
+    mid = register(env.c, "garbage", bad, "ONNX")
+    m = model_status(env.c, mid, "failed")
     assert "garbage" in m["error_msg"] and "could not be loaded" in m["error_msg"]
     r = env.c.post(
         f"/v1/{P}/services", json={"service_name": "nope", "config": [{"model_id": mid, "weight": 100, **CPU}]}
@@ -251,17 +213,17 @@ def test_a_model_that_does_not_load_fails_with_the_engine_reason(env: Env) -> No
 def test_a_replica_that_cannot_load_fails_the_service_then_recovers(env: Env, example_models: Path) -> None:
     folder = env.models_dir / "flaky"
     shutil.copytree(example_models / "mlp-onnx" / "1.0.0", folder)
-    mid = register(env, "flaky", folder, "ONNX")
-    model_status(env, mid, "published")
+    mid = register(env.c, "flaky", folder, "ONNX")
+    model_status(env.c, mid, "published")
     good = (folder / "model.onnx").read_bytes()
     (folder / "model.onnx").write_bytes(b"corrupted after validation")
-    sid = create(env, "flaky", [{"model_id": mid, "weight": 100, **CPU}])
-    s = reach(env, sid, "failed", timeout_s=180)
+    sid = create(env.c, "flaky", [{"model_id": mid, "weight": 100, **CPU}])
+    s = reach(env.c, sid, "failed", timeout_s=180)
     assert "could not be loaded" in s["error_msg"] and "model.onnx" in s["error_msg"], s["error_msg"]
-    assert "failed" in [e["status"] for e in events(env, sid)]
+    assert "failed" in [e["status"] for e in events(env.c, sid)]
     (folder / "model.onnx").write_bytes(good)
     assert env.c.put(f"/v1/{P}/services/{sid}", json={"status": "running"}).status_code == 200
-    reach(env, sid, "running")
+    reach(env.c, sid, "running")
     env.c.delete(f"/v1/{P}/services/{sid}")
 
 
@@ -271,7 +233,7 @@ def test_a_service_the_cluster_cannot_hold_waits_and_says_why(env: Env, models: 
         "huge",
         [{"model_id": models["onnx"], "weight": 100, "specification": "custom", "custom_spec": {"cpu": 64}}],
     )
-    s = reach(env, sid, "waiting", timeout_s=20)
+    s = reach(env.c, sid, "waiting", timeout_s=20)
     assert "CPU 64" in s["error_msg"] and "CPU 2" in s["error_msg"]
     assert env.c.delete(f"/v1/{P}/services/{sid}").status_code == 200
     wait_for("huge gone", lambda: env.c.get(f"/v1/{P}/services/{sid}").status_code == 404, timeout_s=60)
@@ -282,12 +244,12 @@ def test_stop_and_start(env: Env, small: str) -> None:
 
     r = env.c.put(f"/v1/{P}/services/{small}", json={"status": "stopped"})
     assert r.status_code == 200 and r.json()["status"] in ("stopping", "stopped")
-    reach(env, small, "stopped", timeout_s=60)
+    reach(env.c, small, "stopped", timeout_s=60)
     wait_for("application removed", lambda: small not in serve.status().applications, timeout_s=60)
     assert env.c.put(f"/v1/{P}/services/{small}", json={"status": "running"}).status_code == 200
-    s = reach(env, small, "running")
+    s = reach(env.c, small, "running")
     assert httpx.post(s["access_address"], json={"instances": [[1, 2, 3, 4]]}, timeout=30).status_code == 200
-    kinds = [e["status"] for e in events(env, small)]
+    kinds = [e["status"] for e in events(env.c, small)]
     assert kinds[-4:] == ["stopping", "stopped", "deploying", "running"], kinds
 
 
@@ -301,26 +263,26 @@ def _replica_pid(service_id: str) -> int:
 
 
 def test_a_killed_replica_makes_the_service_concerning_then_running(env: Env, small: str) -> None:
-    reach(env, small, "running")
+    reach(env.c, small, "running")
     os.kill(_replica_pid(small), signal.SIGKILL)
-    reach(env, small, "concerning", timeout_s=60)
-    reach(env, small, "running", timeout_s=120)
-    kinds = [e["status"] for e in events(env, small)]
+    reach(env.c, small, "concerning", timeout_s=60)
+    reach(env.c, small, "running", timeout_s=120)
+    kinds = [e["status"] for e in events(env.c, small)]
     assert kinds[-2:] == ["concerning", "running"], kinds
 
 
 def test_restart_keeps_services_history_and_counters(env: Env, small: str) -> None:
-    reach(env, small, "running")
+    reach(env.c, small, "running")
     registry = env.cp.manager.registry
     # the counts a replica hands over in a batch (issue 4 wires the replicas to this same call)
     assert registry.apply_counts("replica-test", 1, {(small, "1.0.0"): (5, 2)})
-    before = service(env, small)
-    history = events(env, small)
+    before = service(env.c, small)
+    history = events(env.c, small)
     env.cp.stop()
     env.cp = start_control_plane(env.settings, registry)
-    after = service(env, small)
+    after = service(env.c, small)
     assert (after["status"], after["invocation_times"], after["failed_times"]) == ("running", 5, 2)
-    assert after["publish_at"] == before["publish_at"] and events(env, small)[: len(history)] == history
+    assert after["publish_at"] == before["publish_at"] and events(env.c, small)[: len(history)] == history
     assert httpx.post(after["access_address"], json={"instances": [[1, 2, 3, 4]]}, timeout=30).status_code == 200
 
 
@@ -335,9 +297,9 @@ def test_specifications_and_pools(env: Env) -> None:
 
 
 def test_zz_autostop_stops_the_service_on_time(env: Env, autostop: str) -> None:
-    s = reach(env, autostop, "stopped", timeout_s=150)
+    s = reach(env.c, autostop, "stopped", timeout_s=150)
     assert s["schedule"] == [{"type": "stop", "time_unit": "MINUTES", "duration": 1}]
-    ev = events(env, autostop)
+    ev = events(env.c, autostop)
     running_at = next(e["occur_time"] for e in ev if e["status"] == "running")
     assert s["due_time"] == pytest.approx(running_at + 60_000, abs=2_000)
     stopping = next(e for e in ev if e["status"] == "stopping")
