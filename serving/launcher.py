@@ -127,7 +127,8 @@ def control_plane(
     from serving.controlplane.auth import Authenticator
     from serving.controlplane.reconciler import Reconciler
 
-    reconciler = Reconciler(registry, settings.reconcile_interval_s)
+    auth = Authenticator(registry, settings.tokens())
+    reconciler = Reconciler(registry, settings.reconcile_interval_s, tokens=auth.token_map)
     manager = Manager(
         registry=registry,
         data_address=f"http://{settings.data_host}:{settings.data_port}",
@@ -147,7 +148,7 @@ def control_plane(
         finally:
             task.cancel()
 
-    app = create_app(manager, Authenticator(registry, settings.tokens()), lifespan=lifespan)
+    app = create_app(manager, auth, lifespan=lifespan)
     return app, manager
 
 

@@ -12,9 +12,8 @@ import secrets
 from fastapi import Request
 
 from serving.controlplane.errors import Forbidden, Unauthorized
-from serving.registry import Registry, hash_token
-
-TOKEN_HEADER = "x-auth-token"
+from serving.registry import Registry
+from serving.tokens import hash_token, presented_token
 
 
 def new_token() -> str:
@@ -34,6 +33,10 @@ class Authenticator:
         """True when any token is configured."""
         return bool(self._env) or self.registry.count_tokens() > 0
 
+    def token_map(self) -> dict[str, str]:
+        """``{sha256: project}`` of every token, for the replicas (only hashes leave the control plane)."""
+        return {**self.registry.token_hashes(), **self._env}
+
     def project_of(self, token: str) -> str | None:
         """The token's project, or None when unknown."""
         digest = hash_token(token)
@@ -46,14 +49,7 @@ class Authenticator:
         """Raise 401/403 unless the request's token opens the ``project_id`` of its path."""
         if not self.enabled:
             return
-        token = request.headers.get(TOKEN_HEADER)
-        if token is None:
-            auth = request.headers.get("authorization", "")
-            if auth[:6].lower() == "oauth ":  # the ZStack form
-                token = auth[6:].strip()
-        if not token:
-            raise Unauthorized("no token: send X-Auth-Token (create one with `enginehouse token create --project P`)")
-        project = self.project_of(token)
+        project = self.project_of(presented_token(request.headers))
         if project is None:
             raise Unauthorized("unknown token")
         wanted = request.path_params.get("project_id")

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray import serve
@@ -62,7 +63,9 @@ def _show(demand: dict[str, float]) -> str:
     return ", ".join(f"{k} {v / MB:.0f} MB" if k == "memory" else f"{k} {v:g}" for k, v in demand.items() if v > 0)
 
 
-def plan(row: Service, models: dict[str, Model], nodes: list[cluster.NodeInfo]) -> ReplicaPlan:
+def plan(
+    row: Service, models: dict[str, Model], nodes: list[cluster.NodeInfo], tokens: dict[str, str] | None = None
+) -> ReplicaPlan:
     """The Serve application of a service: every version in each replica (one hop), resources per replica.
 
     CPU, GPU and NPU are the largest any version asks (the versions share the replica's engine threads);
@@ -108,6 +111,7 @@ def plan(row: Service, models: dict[str, Model], nodes: list[cluster.NodeInfo]) 
         env_vars=envs or None,
         max_replicas=replicas * 4 if scaling else None,
         service_name=row.service_name,
+        auth={"project": row.project_id, "tokens": tokens} if tokens else None,
     )
     demand = {"CPU": cpu, "GPU": gpu, "memory": float(memory * MB), **npu}
     return ReplicaPlan(app=app, demand=demand, replicas=replicas, autoscaling=scaling)
@@ -126,13 +130,17 @@ def _custom_resources(spec: dict[str, Any], nodes: list[cluster.NodeInfo]) -> di
 class Reconciler:
     """One loop in the control plane's process; the only writer of service status."""
 
-    def __init__(self, registry: Registry, interval_s: float = 1.0) -> None:
+    def __init__(
+        self, registry: Registry, interval_s: float = 1.0, tokens: Callable[[], dict[str, str]] | None = None
+    ) -> None:
         self.registry = registry
+        self.tokens = tokens or (lambda: {})  # {sha256: project} the replicas check; empty: auth off
         self._sink: Any = None  # the replicas' counter batches wait there for us
         self.interval_s = interval_s
         self._event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._since: dict[str, float] = {}  # service -> when its current deploy attempt was first seen pending
+        self._since: dict[str, float] = {}
+        self._tokens: dict[str, str] = {}  # service -> when its current deploy attempt was first seen pending
 
     def wake(self) -> None:
         """Run the next tick now (thread-safe)."""
@@ -158,6 +166,7 @@ class Reconciler:
         _, rows = self.registry.list_services(None, limit=1_000_000)
         apps = serve.status().applications
         nodes = cluster.ray_nodes()
+        self._tokens = self.tokens()
         desired: dict[str, dict[str, Any]] = {}
         for row in rows:
             if row.infer_type != "real-time":
@@ -222,7 +231,7 @@ class Reconciler:
             progress = 30 * (len(models) - publishing) // len(models)
             self._set(row, "deploying", "waiting for model validation", progress=progress)
             return
-        p = plan(row, models, nodes)
+        p = plan(row, models, nodes, self._tokens)
         desired[row.service_id] = p.app
         self._observe(row, app, p, nodes, desired)
 

@@ -34,10 +34,12 @@ def service_app(
     env_vars: dict[str, str] | None = None,
     max_replicas: int | None = None,
     service_name: str | None = None,
+    auth: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Serve application config of one service; weights live only in ``user_config``.
 
     ``max_replicas`` above ``num_replicas`` turns on Ray Serve autoscaling between the two.
+    ``auth`` (``{"project", "tokens": {sha256: project}}``) makes the replicas check ``X-Auth-Token``.
     """
     static = [{k: v for k, v in ver.items() if k != "weight"} for ver in versions]
     actor_options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -49,7 +51,11 @@ def service_app(
         actor_options["runtime_env"] = {"env_vars": env_vars}
     deployment: dict[str, Any] = {
         "name": "replica",
-        "user_config": {"weights": {v["version"]: int(v.get("weight", 100)) for v in versions}},
+        "user_config": {
+            "weights": {v["version"]: int(v.get("weight", 100)) for v in versions},
+            # {"project", "tokens": {sha256: project}}; None while auth is off. Live, like the weights.
+            "auth": auth,
+        },
     }
     if max_replicas and max_replicas > num_replicas:
         deployment["autoscaling_config"] = {

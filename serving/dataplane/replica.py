@@ -33,6 +33,7 @@ from runtimes.registry import load_model
 from serving.dataplane.binary import decode_binary, encode_binary, wants_binary_output
 from serving.dataplane.codec import decode_request, encode_response
 from serving.dataplane.counters import Tally
+from serving.tokens import check_token
 
 JSON = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
@@ -182,13 +183,15 @@ class ServiceReplica:
                 self.batchers[v["version"]] = VersionBatcher(
                     adapter, int(v.get("max_batch_size", 32)), float(v.get("batch_timeout_ms", 0.0))
                 )
+        self._auth: dict[str, Any] | None = None
         self._names: list[str] = list(self.adapters)
         self._weights: list[int] = [int(v.get("weight", 100)) for v in versions]
         self.tally = Tally(service)
         self._flusher = asyncio.get_running_loop().create_task(self.tally.run())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Live traffic weights: ``{"weights": {"1.0.0": 70, "2.0.0": 30}}``; no reload, no request lost."""
+        """Live traffic weights (``{"weights": {"1.0.0": 70, "2.0.0": 30}}``) and tokens; no reload, no loss."""
+        self._auth = user_config.get("auth")
         weights = user_config.get("weights") or {}
         if weights:
             self._names = [v for v in self.adapters if v in weights]
@@ -205,6 +208,12 @@ class ServiceReplica:
         root = request.scope.get("root_path", "")
         path = request.url.path
         sub = (path[len(root) :] if root and path.startswith(root) else path) or "/"
+        if self._auth is not None and not sub.startswith("/v2/health/"):  # probes need no token
+            try:
+                check_token(request.headers, self._auth["tokens"], self._auth["project"])
+            except EnginehouseError as exc:
+                self.tally.add("", True)
+                return _json({"error": exc.message}, exc.status_code)
         first = next(iter(self.adapters.values()))
         if hasattr(first, "forward"):  # Custom engines get the request verbatim
             return await self._forward(request, sub)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from runtimes.errors import EnginehouseError
 from serving.registry.schema import Counter, CounterAck, Model, Service, ServiceEvent, Token
+from serving.tokens import hash_token
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -57,10 +57,6 @@ def now_ms() -> int:
 def version_key(version: str) -> tuple[int, ...]:
     """``"1.10.2"`` -> ``(1, 10, 2)``; non-numeric parts sort as -1."""
     return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _alembic_config(url: str) -> Config:
@@ -156,6 +152,11 @@ class Registry:
     def project_for_token(self, token: str) -> str | None:
         with self.session() as s:
             return s.scalar(select(Token.project_id).where(Token.token_hash == hash_token(token)))
+
+    def token_hashes(self) -> dict[str, str]:
+        """``{sha256: project}`` of every stored token (what the data plane checks against)."""
+        with self.session() as s:
+            return dict(s.execute(select(Token.token_hash, Token.project_id)).tuples().all())
 
     def count_tokens(self) -> int:
         """How many tokens are stored; any at all turns auth on."""

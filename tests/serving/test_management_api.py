@@ -258,6 +258,8 @@ def test_update_while_deleting_is_refused(locked: Any, roots: dict[str, Path]) -
 ELSEWHERE = {
     "EH.0103": "tests/serving/test_replica.py::test_bad_input_is_4xx_naming_the_problem",
     "EH.0201": "tests/serving/test_replica.py::test_instances_and_pinned_version",
+    "EH.0202": "tests/serving/test_dataplane.py::test_body_over_the_limit_is_413_and_unknown_paths_404",
+    "EH.0203": "tests/serving/test_dataplane.py::test_body_over_the_limit_is_413_and_unknown_paths_404",
     "EH.0301": "tests/serving/test_controlplane.py::test_models_publish_with_signature_size_and_list",
     "EH.0303": "tests/serving/test_controlplane.py::test_three_engine_service_runs_splits_and_answers",
     "EH.0506": "tests/serving/test_controlplane.py::test_a_model_that_does_not_load_fails_with_the_engine_reason",
