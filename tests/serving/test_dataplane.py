@@ -3,6 +3,8 @@ dynamic batching that never mixes requests, the official tritonclient (binary an
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -219,3 +221,64 @@ def test_body_over_the_limit_is_413_and_unknown_paths_404(
     r = httpx.get(f"{svc['access_address']}/v2/models/dp/versions/7.7.7", timeout=30)
     assert r.status_code == 404 and "7.7.7" in r.json()["error"]
     cp.client.delete(f"/v1/{P}/services/{sid}")
+
+
+def _put_weights(cp: ControlPlane, svc: dict[str, Any], weights: tuple[int, int]) -> None:
+    config = [
+        {
+            k: c[k]
+            for k in (
+                "model_id",
+                "specification",
+                "custom_spec",
+                "instance_count",
+                "max_batch_size",
+                "batch_timeout_ms",
+            )
+        }
+        | {"weight": w}
+        for c, w in zip(svc["config"], weights, strict=True)
+    ]
+    r = cp.client.put(f"/v1/{P}/services/{svc['service_id']}", json={"config": config})
+    assert r.status_code == 200, r.text
+
+
+def test_weights_split_and_move_live_under_load(cp: ControlPlane, svc: dict[str, Any]) -> None:
+    url = svc["access_address"]
+    _put_weights(cp, svc, (70, 30))
+    time.sleep(2)  # the reconfigure lands within a second; give it two
+
+    def version(_: int) -> str:
+        r = httpx.post(url, json=_oip(np.ones((1, 4), np.float32)), timeout=60)
+        assert r.status_code == 200, r.text
+        return str(r.json()["model_version"])
+
+    with ThreadPoolExecutor(16) as pool:
+        seen = Counter(pool.map(version, range(2000)))
+    assert abs(seen["1.0.0"] / 2000 - 0.70) <= 0.04, seen
+
+    # now 0/100 while 8 clients keep sending: nothing lost, all new traffic on 2.0.0 within a second
+    stop = threading.Event()
+    log: list[tuple[float, int, str | None]] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set() and len(log) < 20_000:
+                sent = time.monotonic()
+                r = c.post(url, json=_oip(np.ones((1, 4), np.float32)))
+                log.append((sent, r.status_code, r.json().get("model_version") if r.status_code == 200 else None))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    _put_weights(cp, svc, (0, 100))
+    changed = time.monotonic()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert {code for _, code, _ in log} == {200}, Counter(code for _, code, _ in log)
+    late = [v for sent, _, v in log if sent > changed + 1.0]
+    assert late and set(late) == {"2.0.0"}, Counter(late)
+    _put_weights(cp, svc, (50, 50))
