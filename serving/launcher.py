@@ -128,12 +128,14 @@ def control_plane(
     from serving.controlplane.reconciler import Reconciler
 
     auth = Authenticator(registry, settings.tokens())
-    reconciler = Reconciler(registry, settings.reconcile_interval_s, tokens=auth.token_map)
+    queue = {"url": settings.queue_url(), "retention_s": settings.async_retention_s}
+    reconciler = Reconciler(registry, settings.reconcile_interval_s, tokens=auth.token_map, async_queue=queue)
     manager = Manager(
         registry=registry,
         data_address=f"http://{settings.data_host}:{settings.data_port}",
         roots=settings.roots(),
         wake=reconciler.wake,
+        queue_url=settings.queue_url(),
     )
 
     @asynccontextmanager

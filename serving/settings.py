@@ -39,6 +39,23 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=60, description="How often the reconciler compares the registry with Ray Serve."
     )
 
+    async_url: str | None = Field(
+        default=None,
+        description="Where async requests wait: redis://host:port/db, or a SQLAlchemy URL; None: the registry's "
+        "database.",
+    )
+    async_retention_s: float = Field(
+        default=3600, gt=0, le=30 * 86400, description="How long a finished async result stays readable."
+    )
+
+    def registry_url(self) -> str:
+        """The registry's SQLAlchemy URL (``database_url``, or the SQLite file under ``home``)."""
+        return self.database_url or f"sqlite:///{self.home / 'registry.db'}"
+
+    def queue_url(self) -> str:
+        """Where the async queue lives."""
+        return self.async_url or self.registry_url()
+
     def roots(self) -> list[Path]:
         """The allowed source roots, resolved (symlinks followed) once."""
         given = [Path(p) for p in self.allowed_roots.split(os.pathsep) if p.strip()]

@@ -27,6 +27,7 @@ from serving.controlplane.errors import (
     UnknownRuntime,
 )
 from serving.controlplane.schemas import ModelCreate, ServiceConfigEntry, ServiceCreate, ServiceUpdate
+from serving.dataplane.asyncq import AsyncQueue, open_queue
 from serving.registry import NotFound, Registry
 from serving.registry.db import now_ms
 from serving.registry.schema import Model, Service
@@ -79,9 +80,15 @@ class Manager:
     data_address: str
     roots: list[Path]
     wake: Callable[[], None] = lambda: None
+    queue_url: str | None = None  # the async queue, read for its depth
     loop: asyncio.AbstractEventLoop | None = None
     catalogue: dict[str, Any] = field(default_factory=build_catalogue)
     _tasks: set[concurrent.futures.Future[None]] = field(default_factory=set)
+    _queue: AsyncQueue | None = None
+
+    def __post_init__(self) -> None:
+        if self.queue_url:
+            self._queue = open_queue(self.queue_url)
 
     # models -----------------------------------------------------------------------------------------------
     def _runtime(self, engine: str, wanted: str | None) -> str:
@@ -346,6 +353,8 @@ class Manager:
         }
         if row.infer_type == "real-time":
             out["access_address"] = f"{self.data_address}/v1/infers/{row.service_id}"
+            if self._queue is not None:
+                out["async_queue"] = self._queue.depth(row.service_id)
         if row.status == "deploying":
             out["progress"] = row.progress
         if row.status in ("failed", "waiting", "concerning") and row.error_msg:

@@ -64,7 +64,11 @@ def _show(demand: dict[str, float]) -> str:
 
 
 def plan(
-    row: Service, models: dict[str, Model], nodes: list[cluster.NodeInfo], tokens: dict[str, str] | None = None
+    row: Service,
+    models: dict[str, Model],
+    nodes: list[cluster.NodeInfo],
+    tokens: dict[str, str] | None = None,
+    async_queue: dict[str, Any] | None = None,
 ) -> ReplicaPlan:
     """The Serve application of a service: every version in each replica (one hop), resources per replica.
 
@@ -112,6 +116,7 @@ def plan(
         max_replicas=replicas * 4 if scaling else None,
         service_name=row.service_name,
         auth={"project": row.project_id, "tokens": tokens} if tokens else None,
+        async_queue=async_queue,
     )
     demand = {"CPU": cpu, "GPU": gpu, "memory": float(memory * MB), **npu}
     return ReplicaPlan(app=app, demand=demand, replicas=replicas, autoscaling=scaling)
@@ -131,9 +136,14 @@ class Reconciler:
     """One loop in the control plane's process; the only writer of service status."""
 
     def __init__(
-        self, registry: Registry, interval_s: float = 1.0, tokens: Callable[[], dict[str, str]] | None = None
+        self,
+        registry: Registry,
+        interval_s: float = 1.0,
+        tokens: Callable[[], dict[str, str]] | None = None,
+        async_queue: dict[str, Any] | None = None,
     ) -> None:
         self.registry = registry
+        self.async_queue = async_queue  # {"url", "retention_s"}: where the replicas keep async requests
         self.tokens = tokens or (lambda: {})  # {sha256: project} the replicas check; empty: auth off
         self._sink: Any = None  # the replicas' counter batches wait there for us
         self.interval_s = interval_s
@@ -231,7 +241,7 @@ class Reconciler:
             progress = 30 * (len(models) - publishing) // len(models)
             self._set(row, "deploying", "waiting for model validation", progress=progress)
             return
-        p = plan(row, models, nodes, self._tokens)
+        p = plan(row, models, nodes, self._tokens, self.async_queue)
         desired[row.service_id] = p.app
         self._observe(row, app, p, nodes, desired)
 

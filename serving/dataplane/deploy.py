@@ -35,6 +35,7 @@ def service_app(
     max_replicas: int | None = None,
     service_name: str | None = None,
     auth: dict[str, Any] | None = None,
+    async_queue: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Serve application config of one service; weights live only in ``user_config``.
 
@@ -75,6 +76,7 @@ def service_app(
             "service_name": service_name or service,
             "versions": static,
             "actor_options": actor_options,
+            "async_queue": async_queue,
         },
         "deployments": [deployment],
     }

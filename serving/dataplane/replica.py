@@ -17,6 +17,7 @@ import asyncio
 import os
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,7 @@ from starlette.responses import Response
 from runtimes.base import ModelAdapter, ModelConfig, Placement
 from runtimes.errors import EnginehouseError, InvalidInputError, ModelNotReadyError
 from runtimes.registry import load_model
+from serving.dataplane.asyncq import AsyncQueue, Claimed, open_queue
 from serving.dataplane.binary import decode_binary, encode_binary, wants_binary_output
 from serving.dataplane.codec import decode_request, encode_response
 from serving.dataplane.counters import Tally
@@ -39,6 +41,10 @@ JSON = "application/json"
 HEADER_LENGTH = "inference-header-content-length"
 #: bodies above this many bytes are refused with 413 (``ENGINEHOUSE_MAX_BODY_MB``)
 MAX_BODY = int(float(os.environ.get("ENGINEHOUSE_MAX_BODY_MB", "64")) * 1024 * 1024)
+#: async: how long a claimed request is held before another replica may take it (renewed while running)
+ASYNC_LEASE_S = float(os.environ.get("ENGINEHOUSE_ASYNC_LEASE_S", "30"))
+ASYNC_POLL_S = 0.2
+ASYNC_CONCURRENCY = 4
 _OIP_MODEL = re.compile(
     r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/ready|/infer|/stats)?/?$"
 )
@@ -165,7 +171,12 @@ class ServiceReplica:
 
     # Ray Serve awaits an async constructor, so loading every engine never blocks the replica's loop
     async def __init__(  # type: ignore[misc]
-        self, service: str, versions: list[dict[str, Any]], num_cpus: float = 1.0, service_name: str | None = None
+        self,
+        service: str,
+        versions: list[dict[str, Any]],
+        num_cpus: float = 1.0,
+        service_name: str | None = None,
+        async_queue: dict[str, Any] | None = None,
     ) -> None:
         self.service = service
         self.name = service_name or service
@@ -187,7 +198,14 @@ class ServiceReplica:
         self._names: list[str] = list(self.adapters)
         self._weights: list[int] = [int(v.get("weight", 100)) for v in versions]
         self.tally = Tally(service)
-        self._flusher = asyncio.get_running_loop().create_task(self.tally.run())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.tally.run())]
+        self.queue: AsyncQueue | None = None
+        if async_queue and not hasattr(next(iter(self.adapters.values())), "forward"):
+            self.queue = await asyncio.to_thread(open_queue, async_queue["url"])
+            self._lease_ms = int(float(async_queue.get("lease_s", ASYNC_LEASE_S)) * 1000)
+            self._retention_ms = int(float(async_queue.get("retention_s", 3600)) * 1000)
+            self._tasks.append(loop.create_task(self._async_worker()))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live traffic weights (``{"weights": {"1.0.0": 70, "2.0.0": 30}}``) and tokens; no reload, no loss."""
@@ -217,6 +235,8 @@ class ServiceReplica:
         first = next(iter(self.adapters.values()))
         if hasattr(first, "forward"):  # Custom engines get the request verbatim
             return await self._forward(request, sub)
+        if sub == "/async" or sub.startswith("/async/"):
+            return await self._async(request, sub)
         if request.method == "GET":
             try:
                 return self._get(sub)
@@ -239,16 +259,17 @@ class ServiceReplica:
         self.tally.add(version, False)
         return response
 
-    async def _infer(self, request: Request, version: str) -> Response:
+    async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > MAX_BODY:
             raise BodyTooLarge(f"the body of {length} bytes is over the limit of {MAX_BODY} bytes")
         body = await request.body()
         if len(body) > MAX_BODY:
             raise BodyTooLarge(f"the body of {len(body)} bytes is over the limit of {MAX_BODY} bytes")
-        batcher = self.batchers[version]
-        signature = batcher.adapter.signature
-        header = request.headers.get(HEADER_LENGTH)
+        return body
+
+    def _decode(self, version: str, body: bytes, header: str | None) -> tuple[dict[str, np.ndarray], dict]:
+        signature = self.batchers[version].adapter.signature
         if header is not None:
             try:
                 header_length = int(header)
@@ -256,14 +277,16 @@ class ServiceReplica:
                 raise InvalidInputError(
                     self.name, f"Inference-Header-Content-Length {header!r} is not an integer"
                 ) from None
-            inputs, meta = decode_binary(self.name, body, header_length, signature)
-        else:
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidInputError(self.name, f"body is not valid JSON: {exc}") from None
-            inputs, meta = decode_request(self.name, payload, signature)
-        outputs = await batcher.infer(inputs)
+            return decode_binary(self.name, body, header_length, signature)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInputError(self.name, f"body is not valid JSON: {exc}") from None
+        return decode_request(self.name, payload, signature)
+
+    async def _infer(self, request: Request, version: str) -> Response:
+        inputs, meta = self._decode(version, await self._body(request), request.headers.get(HEADER_LENGTH))
+        outputs = await self.batchers[version].infer(inputs)
         binary = wants_binary_output(meta) if not meta.get("instances") else False
         if binary:
             content, header_len = encode_binary(self.name, version, outputs, meta, binary)
@@ -273,6 +296,84 @@ class ServiceReplica:
                 headers={"Inference-Header-Content-Length": str(header_len)},
             )
         return Response(orjson.dumps(encode_response(self.name, version, outputs, meta)), media_type=JSON)
+
+    # async mode ------------------------------------------------------------------------------------------
+    async def _async(self, request: Request, sub: str) -> Response:
+        if self.queue is None:
+            return _json({"error": f"service {self.name} has no async queue"}, 404)
+        if request.method == "GET":
+            if sub == "/async":  # the queue's depth
+                return _json(await asyncio.to_thread(self.queue.depth, self.service))
+            rid = sub.removeprefix("/async/")
+            found = await asyncio.to_thread(self.queue.get, self.service, rid)
+            return _json(found) if found else _json({"error": f"no async request {rid} (unknown or expired)"}, 404)
+        if sub != "/async":
+            return _json({"error": f"{request.method} {sub} is not served; POST /async"}, 404)
+        version = ""
+        try:
+            pinned = request.headers.get("x-model-version")
+            version = self._pick(pinned)
+            body = await self._body(request)
+            header = request.headers.get(HEADER_LENGTH)
+            inputs, _ = self._decode(version, body, header)
+            self.batchers[version].adapter.validate(inputs)  # bad input is refused now, not after the 202
+        except EnginehouseError as exc:
+            self.tally.add(version, True)
+            return _json({"error": exc.message}, exc.status_code)
+        kept = {k: v for k, v in (("x-model-version", pinned), (HEADER_LENGTH, header)) if v is not None}
+        rid = await asyncio.to_thread(self.queue.put, self.service, body, kept)  # durable before the 202
+        return _json({"request_id": rid, "status": "queued"}, 202)
+
+    async def _async_worker(self) -> None:
+        """Claim and run queued requests of this service, a few at a time, until the replica stops."""
+        assert self.queue is not None
+        queue = self.queue
+        slots = asyncio.Semaphore(ASYNC_CONCURRENCY)
+        expired_at = 0.0
+        while True:
+            try:
+                if time.monotonic() - expired_at > 60:
+                    expired_at = time.monotonic()
+                    await asyncio.to_thread(queue.expire, int(time.time() * 1000) - self._retention_ms)
+                if not await asyncio.to_thread(queue.has_work, self.service):
+                    await asyncio.sleep(ASYNC_POLL_S)
+                    continue
+                await slots.acquire()
+                claimed = await asyncio.to_thread(queue.claim, self.service, self._lease_ms)
+                if claimed is None:
+                    slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_async(claimed))
+                task.add_done_callback(lambda _: slots.release())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store is away for a moment: nothing is lost, try again
+                await asyncio.sleep(1.0)
+
+    async def _run_async(self, claimed: Claimed) -> None:
+        assert self.queue is not None
+        queue, renew_every = self.queue, self._lease_ms / 3000
+
+        async def keep_lease() -> None:
+            while True:
+                await asyncio.sleep(renew_every)
+                await asyncio.to_thread(queue.renew, claimed.request_id, claimed.claim, self._lease_ms)
+
+        renewer = asyncio.get_running_loop().create_task(keep_lease())
+        version, result, error = "", None, None
+        try:
+            version = self._pick(claimed.headers.get("x-model-version"))
+            inputs, meta = self._decode(version, claimed.body, claimed.headers.get(HEADER_LENGTH))
+            outputs = await self.batchers[version].infer(inputs)
+            result = encode_response(self.name, version, outputs, meta)
+        except EnginehouseError as exc:
+            error = exc.message
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            renewer.cancel()
+        if await asyncio.to_thread(queue.finish, claimed.request_id, claimed.claim, result, error):
+            self.tally.add(version, error is not None)  # counted once, by the run whose result landed
 
     def _check_model(self, name: str) -> None:
         if name not in (self.name, self.service):
@@ -343,14 +444,19 @@ class ServiceReplica:
                 raise RuntimeError(f"{self.name} version {version} is unhealthy")
 
     async def __del__(self) -> None:
-        self._flusher.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.tally.flush()  # hand over what this replica counted before it goes
         for adapter in self.adapters.values():
             await adapter.unload()
 
 
 def build_app(
-    service: str, versions: list[dict[str, Any]], actor_options: dict[str, Any], service_name: str | None = None
+    service: str,
+    versions: list[dict[str, Any]],
+    actor_options: dict[str, Any],
+    service_name: str | None = None,
+    async_queue: dict[str, Any] | None = None,
 ) -> serve.Application:
     """The Ray Serve application of one service: ingress replicas that run the engines themselves.
 
@@ -364,7 +470,7 @@ def build_app(
         max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", str(max(64, 2 * biggest_batch)))),
         ray_actor_options=actor_options,
     )(ServiceReplica)
-    return deployment.bind(service, versions, float(actor_options.get("num_cpus", 1.0)), service_name)
+    return deployment.bind(service, versions, float(actor_options.get("num_cpus", 1.0)), service_name, async_queue)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -374,4 +480,5 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         args["versions"],
         dict(args.get("actor_options") or {"num_cpus": 1.0}),
         args.get("service_name"),
+        args.get("async_queue"),
     )

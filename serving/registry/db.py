@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from runtimes.errors import EnginehouseError
-from serving.registry.schema import Counter, CounterAck, Model, Service, ServiceEvent, Token
+from serving.registry.schema import AsyncRequest, Counter, CounterAck, Model, Service, ServiceEvent, Token
 from serving.tokens import hash_token
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -107,7 +107,7 @@ def open_registry(url: str | None, home: Path, revision: str = "head") -> Regist
     """Open (and migrate to ``revision``) the registry; ``url=None`` is ``sqlite:///{home}/registry.db``."""
     if url is None:
         home.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{home / 'registry.db'}"
+        url = f"sqlite:///{home / 'registry.db'}"  # the same default as Settings.registry_url()
     engine = _make_engine(url)
     upgrade(engine, url, revision)
     return Registry(engine)
@@ -407,6 +407,7 @@ class Registry:
                 raise NotFound(f"service {service_id} not found")
             s.execute(delete(ServiceEvent).where(ServiceEvent.service_id == service_id))
             s.execute(delete(Counter).where(Counter.service_id == service_id))
+            s.execute(delete(AsyncRequest).where(AsyncRequest.service_id == service_id))
             s.delete(row)
 
     def add_event(self, service_id: str, event_type: str, reason: str = "", at: int | None = None) -> int:

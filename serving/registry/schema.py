@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -94,3 +94,24 @@ class CounterAck(Base):
 
     source: Mapped[str] = mapped_column(String(128), primary_key=True)
     last_batch: Mapped[int] = mapped_column(BigInteger)
+
+
+class AsyncRequest(Base):
+    """An accepted async request; written by the data plane (the queue), read by both planes."""
+
+    __tablename__ = "async_requests"
+    __table_args__ = (Index("ix_async_requests_queue", "service_id", "status", "created_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    service_id: Mapped[str] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16))  # queued, running, succeeded, failed
+    model_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    headers: Mapped[dict[str, str]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[int] = mapped_column(BigInteger)
+    lease_until: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    claim: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
