@@ -129,10 +129,13 @@ def control_plane(
 
     auth = Authenticator(registry, settings.tokens())
     queue = {"url": settings.queue_url(), "retention_s": settings.async_retention_s}
-    reconciler = Reconciler(registry, settings.reconcile_interval_s, tokens=auth.token_map, async_queue=queue)
+    data_address = f"http://{settings.data_host}:{settings.data_port}"
+    reconciler = Reconciler(
+        registry, settings.reconcile_interval_s, tokens=auth.token_map, async_queue=queue, data_address=data_address
+    )
     manager = Manager(
         registry=registry,
-        data_address=f"http://{settings.data_host}:{settings.data_port}",
+        data_address=data_address,
         roots=settings.roots(),
         wake=reconciler.wake,
         queue_url=settings.queue_url(),

@@ -141,8 +141,10 @@ class Reconciler:
         interval_s: float = 1.0,
         tokens: Callable[[], dict[str, str]] | None = None,
         async_queue: dict[str, Any] | None = None,
+        data_address: str | None = None,
     ) -> None:
         self.registry = registry
+        self.data_address = data_address  # probed once before a service is called running
         self.async_queue = async_queue  # {"url", "retention_s"}: where the replicas keep async requests
         self.tokens = tokens or (lambda: {})  # {sha256: project} the replicas check; empty: auth off
         self._sink: Any = None  # the replicas' counter batches wait there for us
@@ -245,6 +247,19 @@ class Reconciler:
         desired[row.service_id] = p.app
         self._observe(row, app, p, nodes, desired)
 
+    def _routed(self, service_id: str) -> bool:
+        """True once the data plane's ingress routes the service (Serve says RUNNING a moment before)."""
+        if self.data_address is None:
+            return True
+        import httpx
+
+        try:
+            r = httpx.get(f"{self.data_address}/v1/infers/{service_id}/v2/health/live", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        # the proxy's own 404 names the path; anything else came from the replica (or the user's server)
+        return not (r.status_code == 404 and r.text.startswith("Path '"))
+
     def _observe(
         self, row: Service, app: Any, p: ReplicaPlan, nodes: list[cluster.NodeInfo], desired: dict[str, Any]
     ) -> None:
@@ -279,6 +294,9 @@ class Reconciler:
             self._set(row, "failed", "deployment failed", error_msg=_engine_error(message))
             return
         if status == "RUNNING" and running >= (1 if p.autoscaling else p.replicas):
+            if row.status not in ("running", "concerning") and not self._routed(row.service_id):
+                self._set(row, "deploying", "waiting for the ingress to route", progress=99)
+                return
             self._since.pop(row.service_id, None)
             self._set(row, "running", "all replicas running", progress=100, error_msg=None)
             return

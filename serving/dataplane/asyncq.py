@@ -170,10 +170,10 @@ class SqlQueue:
         return int(res.rowcount)
 
 
-def open_queue(url: str) -> AsyncQueue:
+def open_queue(url: str, retention_s: float = 3600) -> AsyncQueue:
     """The queue behind ``url``: ``redis://...`` for Redis, any SQLAlchemy URL otherwise."""
     if url.startswith(("redis://", "rediss://", "unix://")):
         from serving.dataplane.asyncq_redis import RedisQueue
 
-        return RedisQueue(url)
+        return RedisQueue(url, retention_s)
     return SqlQueue(url)

@@ -202,9 +202,10 @@ class ServiceReplica:
         self._tasks = [loop.create_task(self.tally.run())]
         self.queue: AsyncQueue | None = None
         if async_queue and not hasattr(next(iter(self.adapters.values())), "forward"):
-            self.queue = await asyncio.to_thread(open_queue, async_queue["url"])
+            retention_s = float(async_queue.get("retention_s", 3600))
+            self.queue = await asyncio.to_thread(open_queue, async_queue["url"], retention_s)
             self._lease_ms = int(float(async_queue.get("lease_s", ASYNC_LEASE_S)) * 1000)
-            self._retention_ms = int(float(async_queue.get("retention_s", 3600)) * 1000)
+            self._retention_ms = int(retention_s * 1000)
             self._tasks.append(loop.create_task(self._async_worker()))
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -4,7 +4,9 @@ restarted control plane, and each one's result is written exactly once."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ import pytest
 from models.mlp_weights import mlp_reference
 from serving.registry import Registry, open_registry
 from serving.settings import Settings
+from tests.conftest import free_port
 from tests.serving.cp_harness import (
     ControlPlane,
     create,
@@ -68,14 +71,37 @@ def _deploy(cp: ControlPlane, example_models: Path, name: str) -> dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def env(serve_instance: str, example_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's package; .ci/run installs it) on a loopback port, persisting to AOF."""
+    from serving.dataplane.asyncq_redis import wait_ready
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--appendonly", "yes", "--save", ""]
+    proc = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        wait_ready(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module", params=["database", "redis"])
+def env(
+    request: pytest.FixtureRequest, serve_instance: str, example_models: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Env]:
     from serving.dataplane import deploy
 
     home = tmp_path_factory.mktemp("async-home")
-    settings = _settings(serve_instance, example_models, home)
+    store = {"async_url": request.getfixturevalue("redis_url")} if request.param == "redis" else {}
+    settings = _settings(serve_instance, example_models, home, **store)
     registry = open_registry(None, home)
     cp = start_control_plane(settings, registry)
-    e = Env(cp, settings, registry, _deploy(cp, example_models, "asy"))
+    e = Env(cp, settings, registry, _deploy(cp, example_models, f"asy-{request.param}"))
     yield e
     e.cp.stop()
     deploy.sync({})
