@@ -91,7 +91,7 @@ def models(env: Env, example_models: Path) -> dict[str, str]:
 def autostop(env: Env, models: dict[str, str]) -> str:
     """A service that stops itself one minute after it runs; checked by the module's last test."""
     return create(
-        env,
+        env.c,
         "autostop",
         [{"model_id": models["onnx"], "weight": 100, **CPU}],
         schedule=[{"type": "stop", "time_unit": "MINUTES", "duration": 1}],
@@ -129,7 +129,7 @@ def test_models_publish_with_signature_size_and_list(env: Env, models: dict[str,
 
 def test_three_engine_service_runs_splits_and_answers(env: Env, models: dict[str, str], autostop: str) -> None:
     sid = create(
-        env,
+        env.c,
         "three",
         [
             {"model_id": models["onnx"], "weight": 50, **CPU},
@@ -229,7 +229,7 @@ def test_a_replica_that_cannot_load_fails_the_service_then_recovers(env: Env, ex
 
 def test_a_service_the_cluster_cannot_hold_waits_and_says_why(env: Env, models: dict[str, str]) -> None:
     sid = create(
-        env,
+        env.c,
         "huge",
         [{"model_id": models["onnx"], "weight": 100, "specification": "custom", "custom_spec": {"cpu": 64}}],
     )
