@@ -19,7 +19,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -59,8 +59,21 @@ def _placement(num_cpus: float) -> Placement:
     return Placement(device="cuda:0" if gpu_ids else "cpu", cpu_threads=max(1, round(num_cpus)), gpu_ids=gpu_ids)
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type=JSON)
+#: a transport-free answer: status, headers, body
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def _reply(data: Any, status: int = 200) -> Reply:
+    return status, {"content-type": JSON}, orjson.dumps(data)
+
+
+def _error(exc: EnginehouseError) -> Reply:
+    return _reply({"error": exc.message}, exc.status_code)
+
+
+def _response(reply: Reply) -> Response:
+    status, headers, content = reply
+    return Response(content, status_code=status, headers=headers)
 
 
 class UnknownVersion(EnginehouseError):
@@ -227,38 +240,47 @@ class ServiceReplica:
         root = request.scope.get("root_path", "")
         path = request.url.path
         sub = (path[len(root) :] if root and path.startswith(root) else path) or "/"
+        try:
+            body = await self._body(request) if request.method in ("POST", "PUT", "PATCH") else b""
+        except EnginehouseError as exc:
+            self.tally.add("", True)
+            return _response(_error(exc))
+        return _response(await self.handle(request.method, sub, request.headers, body, request.url.query))
+
+    async def handle(self, method: str, sub: str, headers: Mapping[str, str], body: bytes, query: str = "") -> Reply:
+        """One request, transport-free: the HTTP ingress and the ``/v2`` gateway's handle both land here."""
         if self._auth is not None and not sub.startswith("/v2/health/"):  # probes need no token
             try:
-                check_token(request.headers, self._auth["tokens"], self._auth["project"])
+                check_token(headers, self._auth["tokens"], self._auth["project"])
             except EnginehouseError as exc:
                 self.tally.add("", True)
-                return _json({"error": exc.message}, exc.status_code)
+                return _error(exc)
         first = next(iter(self.adapters.values()))
         if hasattr(first, "forward"):  # Custom engines get the request verbatim
-            return await self._forward(request, sub)
+            return await self._forward(method, sub, headers, body, query)
         if sub == "/async" or sub.startswith("/async/"):
-            return await self._async(request, sub)
-        if request.method == "GET":
+            return await self._async(method, sub, headers, body)
+        if method == "GET":
             try:
                 return self._get(sub)
             except EnginehouseError as exc:
-                return _json({"error": exc.message}, exc.status_code)
+                return _error(exc)
         version = ""
         try:
-            pinned = request.headers.get("x-model-version")
+            pinned = headers.get("x-model-version")
             if sub != "/":
                 m = _OIP_MODEL.match(sub)
                 if m is None or m["tail"] != "/infer":
-                    raise UnknownRoute(f"POST {sub} is not served; POST / or /v2/models/{self.name}/infer")
+                    raise UnknownRoute(f"{method} {sub} is not served; POST / or /v2/models/{self.name}/infer")
                 self._check_model(m["name"])
                 pinned = m["version"] or pinned
             version = self._pick(pinned)
-            response = await self._infer(request, version)
+            reply = await self._infer(version, headers, body)
         except EnginehouseError as exc:
             self.tally.add(version, True)
-            return _json({"error": exc.message}, exc.status_code)
+            return _error(exc)
         self.tally.add(version, False)
-        return response
+        return reply
 
     async def _body(self, request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -285,45 +307,39 @@ class ServiceReplica:
             raise InvalidInputError(self.name, f"body is not valid JSON: {exc}") from None
         return decode_request(self.name, payload, signature)
 
-    async def _infer(self, request: Request, version: str) -> Response:
-        inputs, meta = self._decode(version, await self._body(request), request.headers.get(HEADER_LENGTH))
+    async def _infer(self, version: str, headers: Mapping[str, str], body: bytes) -> Reply:
+        inputs, meta = self._decode(version, body, headers.get(HEADER_LENGTH))
         outputs = await self.batchers[version].infer(inputs)
         binary = wants_binary_output(meta) if not meta.get("instances") else False
         if binary:
             content, header_len = encode_binary(self.name, version, outputs, meta, binary)
-            return Response(
-                content,
-                media_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(header_len)},
-            )
-        return Response(orjson.dumps(encode_response(self.name, version, outputs, meta)), media_type=JSON)
+            return 200, {"content-type": "application/octet-stream", HEADER_LENGTH: str(header_len)}, content
+        return 200, {"content-type": JSON}, orjson.dumps(encode_response(self.name, version, outputs, meta))
 
     # async mode ------------------------------------------------------------------------------------------
-    async def _async(self, request: Request, sub: str) -> Response:
+    async def _async(self, method: str, sub: str, headers: Mapping[str, str], body: bytes) -> Reply:
         if self.queue is None:
-            return _json({"error": f"service {self.name} has no async queue"}, 404)
-        if request.method == "GET":
+            return _reply({"error": f"service {self.name} has no async queue"}, 404)
+        if method == "GET":
             if sub == "/async":  # the queue's depth
-                return _json(await asyncio.to_thread(self.queue.depth, self.service))
+                return _reply(await asyncio.to_thread(self.queue.depth, self.service))
             rid = sub.removeprefix("/async/")
             found = await asyncio.to_thread(self.queue.get, self.service, rid)
-            return _json(found) if found else _json({"error": f"no async request {rid} (unknown or expired)"}, 404)
+            return _reply(found) if found else _reply({"error": f"no async request {rid} (unknown or expired)"}, 404)
         if sub != "/async":
-            return _json({"error": f"{request.method} {sub} is not served; POST /async"}, 404)
+            return _reply({"error": f"{method} {sub} is not served; POST /async"}, 404)
         version = ""
+        pinned, header = headers.get("x-model-version"), headers.get(HEADER_LENGTH)
         try:
-            pinned = request.headers.get("x-model-version")
             version = self._pick(pinned)
-            body = await self._body(request)
-            header = request.headers.get(HEADER_LENGTH)
             inputs, _ = self._decode(version, body, header)
             self.batchers[version].adapter.validate(inputs)  # bad input is refused now, not after the 202
         except EnginehouseError as exc:
             self.tally.add(version, True)
-            return _json({"error": exc.message}, exc.status_code)
+            return _error(exc)
         kept = {k: v for k, v in (("x-model-version", pinned), (HEADER_LENGTH, header)) if v is not None}
         rid = await asyncio.to_thread(self.queue.put, self.service, body, kept)  # durable before the 202
-        return _json({"request_id": rid, "status": "queued"}, 202)
+        return _reply({"request_id": rid, "status": "queued"}, 202)
 
     async def _async_worker(self) -> None:
         """Claim and run queued requests of this service, a few at a time, until the replica stops."""
@@ -380,14 +396,14 @@ class ServiceReplica:
         if name not in (self.name, self.service):
             raise UnknownRoute(f"this service serves model {self.name}, not {name}")
 
-    def _get(self, sub: str) -> Response:
+    def _get(self, sub: str) -> Reply:
         if sub in ("/v2/health/live", "/v2/health/live/"):
-            return _json({"live": True})
+            return _reply({"live": True})
         if sub in ("/v2/health/ready", "/v2/health/ready/"):
             ready = all(a.ready for a in self.adapters.values())
-            return _json({"ready": ready}, 200 if ready else 503)
+            return _reply({"ready": ready}, 200 if ready else 503)
         if sub in ("/v2", "/v2/"):
-            return _json({"name": "enginehouse", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+            return _reply({"name": "enginehouse", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
         m = _OIP_MODEL.match(sub)
         if m is None or m["tail"] == "/infer":
             raise UnknownRoute(f"GET {sub} is not served")
@@ -397,13 +413,13 @@ class ServiceReplica:
             raise UnknownVersion(self.name, m["version"], list(self.adapters))
         if m["tail"] == "/ready":
             ready = all(self.adapters[v].ready for v in versions)
-            return _json({"name": self.name, "ready": ready}, 200 if ready else 503)
+            return _reply({"name": self.name, "ready": ready}, 200 if ready else 503)
         if m["tail"] == "/stats":  # Triton's statistics extension, for this replica
-            return _json({"model_stats": [self._stats(v) for v in versions]})
+            return _reply({"model_stats": [self._stats(v) for v in versions]})
         adapter = self.adapters[versions[0] if m["version"] else self._pick(None)]
         if adapter.signature is None or not adapter.ready:
             raise ModelNotReadyError(self.name)
-        return _json(
+        return _reply(
             {
                 "name": self.name,
                 "versions": versions,
@@ -423,20 +439,17 @@ class ServiceReplica:
             "batch_stats": [{"batch_size": n, "compute_infer": {"count": c}} for n, c in sorted(sizes.items())],
         }
 
-    async def _forward(self, request: Request, sub: str) -> Response:
+    async def _forward(self, method: str, sub: str, headers: Mapping[str, str], body: bytes, query: str) -> Reply:
         version = ""
         try:
-            version = self._pick(request.headers.get("x-model-version"))
+            version = self._pick(headers.get("x-model-version"))
             adapter: Any = self.adapters[version]
-            body = await request.body()
-            status, headers, content = await adapter.forward(
-                request.method, sub, dict(request.headers), body, request.url.query
-            )
+            status, out_headers, content = await adapter.forward(method, sub, dict(headers), body, query)
         except EnginehouseError as exc:
             self.tally.add(version, True)
-            return _json({"error": exc.message}, exc.status_code)
+            return _error(exc)
         self.tally.add(version, status >= 400)
-        return Response(content, status_code=status, headers=headers)
+        return status, dict(out_headers), content
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: every adapter must say it is healthy, else the replica restarts."""
