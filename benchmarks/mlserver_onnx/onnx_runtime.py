@@ -36,5 +36,5 @@ class OnnxRuntimeModel(MLModel):
         return InferenceResponse(
             model_name=self.name,
             model_version=self.version,
-            outputs=[NumpyCodec.encode_output(name, r) for name, r in zip(self._outputs, results)],
+            outputs=[NumpyCodec.encode_output(name, r) for name, r in zip(self._outputs, results, strict=True)],
         )
