@@ -76,6 +76,10 @@ class OnnxAdapter(ModelAdapter):
         # the replica's CPU budget: one intra-op pool sized to it, no second pool competing for cores
         opts.intra_op_num_threads = self.placement.cpu_threads
         opts.inter_op_num_threads = 1
+        # a serving engine idles between requests: spinning pool threads burned 0.4 core each here while the
+        # threads doing the work used 0.03 (benchmarks/README.md); block instead
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return ort.InferenceSession(path, sess_options=opts, providers=self.providers())
 
     async def load(self) -> Signature:

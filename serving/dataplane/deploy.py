@@ -79,6 +79,9 @@ def service_app(
             "async_queue": async_queue,
         },
         "deployments": [deployment],
+        # one log line per request costs the replica's event loop about 4 % (py-spy, benchmarks/README.md);
+        # the counters and the service events say what a per-request log would
+        "logging_config": {"enable_access_log": False},
     }
 
 
