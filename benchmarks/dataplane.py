@@ -551,6 +551,21 @@ def run_enginehouse(tmp: Path, repo: Path, payloads: Payloads, replica_cpus: flo
             return None
 
         svc = wait_for("Enginehouse service", running, proc, logfile, args.start_timeout)
+        if args.instances > 1:  # more replicas: one PUT of the config, as a user would scale a service
+            config = [
+                {k: c[k] for k in ("model_id", "weight", "specification", "custom_spec")}
+                | {"instance_count": args.instances}
+                for c in svc["config"]
+            ]
+            r = httpx.put(f"{base}/v1/default/services/{svc['service_id']}", json={"config": config}, timeout=30)
+            r.raise_for_status()
+            time.sleep(1)
+
+            def scaled() -> dict[str, Any] | None:
+                s = running()
+                return s if s and s["config"][0]["instance_count"] == args.instances else None
+
+            svc = wait_for("Enginehouse replicas", scaled, proc, logfile, args.start_timeout)
         url = svc["access_address"]
         log(f"service {svc.get('service_id')} running after {time.monotonic() - t0:.1f} s at {url}")
         label = "enginehouse" if len(args.replica_cpus) == 1 else f"enginehouse[{replica_cpus:g}cpu]"
@@ -732,6 +747,12 @@ def verdicts(points: list[Point], clients: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=12.0, help="measured seconds per point (default 12)")
+    ap.add_argument(
+        "--instances",
+        type=int,
+        default=2,
+        help="replicas of the Enginehouse service (default 2: one event loop per core)",
+    )
     ap.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds before each point (default 3)")
     ap.add_argument("--clients", default="1,32", help="comma-separated client counts (default 1,32)")
     ap.add_argument("--formats", default="json,binary", help="request formats to load: json, binary (default both)")

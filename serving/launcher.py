@@ -22,8 +22,14 @@ from serving.settings import Settings, check_exposure
 
 log = logging.getLogger("enginehouse")
 
-# Measured in ../shared/ARCHITECTURE.md: the HAProxy ingress is ~5x Ray Serve's Python proxy here.
-DATA_PLANE_FLAGS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Measured in ../shared/ARCHITECTURE.md: the HAProxy ingress is ~5x Ray Serve's Python proxy here. Ray's
+# HAProxy metrics parse one log line per request in Python (0.1 core at 2,000 rps; off: +15 % rps in
+# benchmarks/dataplane.py); Enginehouse counts requests itself.
+DATA_PLANE_FLAGS = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+}
 
 
 def discover(repository: Path) -> dict[str, dict[str, Any]]:
