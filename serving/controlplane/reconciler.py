@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ray import serve
-
 from serving.controlplane import cluster
 from serving.controlplane.manager import ReplicaPlan
 from serving.controlplane.schemas import Schedule
@@ -176,7 +174,7 @@ class Reconciler:
     def tick(self) -> None:
         """Compare, submit, observe: one reconcile pass."""
         _, rows = self.registry.list_services(None, limit=1_000_000)
-        apps = serve.status().applications
+        apps = deploy.app_states()
         nodes = cluster.ray_nodes()
         self._tokens = self.tokens()
         desired: dict[str, dict[str, Any]] = {}
@@ -215,7 +213,9 @@ class Reconciler:
             row.project_id, row.service_id, status=status, update_time=row.update_time, **fields
         )
 
-    def _service(self, row: Service, app: Any, nodes: list[cluster.NodeInfo], desired: dict[str, Any]) -> None:
+    def _service(
+        self, row: Service, app: deploy.AppState | None, nodes: list[cluster.NodeInfo], desired: dict[str, Any]
+    ) -> None:
         if row.status == "deleting":
             if app is None:
                 self.registry.delete_service(row.project_id, row.service_id)
@@ -261,7 +261,12 @@ class Reconciler:
         return not (r.status_code == 404 and r.text.startswith("Path '"))
 
     def _observe(
-        self, row: Service, app: Any, p: ReplicaPlan, nodes: list[cluster.NodeInfo], desired: dict[str, Any]
+        self,
+        row: Service,
+        app: deploy.AppState | None,
+        p: ReplicaPlan,
+        nodes: list[cluster.NodeInfo],
+        desired: dict[str, Any],
     ) -> None:
         if not any(n.alive and _fits(p.demand, n.total) for n in nodes):
             biggest = max((n.total for n in nodes if n.alive), key=lambda t: t.get("CPU", 0), default={})
@@ -276,7 +281,7 @@ class Reconciler:
         if app is None:
             self._set(row, "deploying", "submitted to Ray Serve", progress=max(row.progress, 40))
             return
-        status = app.status.value
+        status = app.status
         stale = status == "DEPLOY_FAILED" and app.last_deployed_time_s * 1000 < row.operation_time
         if status == "DELETING" or stale:
             # the failure (or the removal) predates the user's restart: let the old application go first,
@@ -284,13 +289,12 @@ class Reconciler:
             desired.pop(row.service_id, None)
             self._set(row, "deploying", "replacing the previous deployment", progress=max(row.progress, 10))
             return
-        dep = app.deployments.get("replica")
-        states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
+        states = app.replica_states
         running = states.get("RUNNING", 0)
         if status == "DEPLOY_FAILED":
             desired.pop(row.service_id, None)  # free the resources; the user retries with an update or a start
             self._since.pop(row.service_id, None)
-            message = (dep.message if dep and dep.message else "") or app.message
+            message = app.message
             self._set(row, "failed", "deployment failed", error_msg=_engine_error(message))
             return
         if status == "RUNNING" and running >= (1 if p.autoscaling else p.replicas):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -115,6 +116,49 @@ def remove(name: str) -> None:
     with _lock:
         if _apps.pop(name, None) is not None:
             _submit()
+
+
+@dataclass(frozen=True)
+class AppState:
+    """What the reconciler reads of one application: Serve's status and its ``replica`` deployment's."""
+
+    status: str  # DEPLOYING, RUNNING, DEPLOY_FAILED, UNHEALTHY, DELETING, ...
+    message: str
+    last_deployed_time_s: float
+    replica_states: dict[str, int]  # RUNNING, STARTING, ... -> count
+    target_replicas: int | None
+
+
+def _name(value: Any) -> str:
+    """Serve's enum members (``ApplicationStatus.RUNNING``) as their plain value (``RUNNING``)."""
+    return str(getattr(value, "value", value))
+
+
+def app_states() -> dict[str, AppState]:
+    """Every application's state from the controller's raw details.
+
+    ``serve.status()`` builds pydantic models of the whole Serve config first, cloudpickling each deployment's
+    request router on the way: 10 % of a core for a 1 s reconcile loop over five services. The raw details
+    carry the same facts.
+    """
+    client = serve.context._get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return {}
+    out: dict[str, AppState] = {}
+    for name, app in (client.get_serve_details().get("applications") or {}).items():
+        dep = (app.get("deployments") or {}).get("replica") or {}
+        states: dict[str, int] = {}
+        for replica in dep.get("replicas") or []:
+            state = _name(replica.get("state"))
+            states[state] = states.get(state, 0) + 1
+        out[name] = AppState(
+            status=_name(app.get("status")),
+            message=(dep.get("message") or "") or str(app.get("message") or ""),
+            last_deployed_time_s=float(app.get("last_deployed_time_s") or 0.0),
+            replica_states=states,
+            target_replicas=dep.get("target_num_replicas"),
+        )
+    return out
 
 
 def status(name: str) -> str | None:
