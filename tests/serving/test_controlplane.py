@@ -272,18 +272,29 @@ def test_a_killed_replica_makes_the_service_concerning_then_running(env: Env, sm
 
 
 def test_restart_keeps_services_history_and_counters(env: Env, small: str) -> None:
-    reach(env.c, small, "running")
-    registry = env.cp.manager.registry
-    # the counts a replica hands over in a batch (issue 4 wires the replicas to this same call)
-    assert registry.apply_counts("replica-test", 1, {(small, "1.0.0"): (5, 2)})
+    s = reach(env.c, small, "running")
+    start = (s["invocation_times"], s["failed_times"])
+
+    def calls(good: int, bad: int) -> None:
+        for body, n, code in (({"instances": [[1, 2, 3, 4]]}, good, 200), ({"instances": [[1, 2]]}, bad, 400)):
+            for _ in range(n):
+                assert httpx.post(s["access_address"], json=body, timeout=30).status_code == code
+
+    def counts_are(expected: tuple[int, int]) -> bool:
+        now = service(env.c, small)
+        return (now["invocation_times"] - start[0], now["failed_times"] - start[1]) == expected
+
+    calls(4, 3)
+    wait_for("7 calls, 3 failed", lambda: counts_are((7, 3)), timeout_s=30)
     before = service(env.c, small)
     history = events(env.c, small)
     env.cp.stop()
-    env.cp = start_control_plane(env.settings, registry)
+    env.cp = start_control_plane(env.settings, env.cp.manager.registry)
     after = service(env.c, small)
-    assert (after["status"], after["invocation_times"], after["failed_times"]) == ("running", 5, 2)
+    assert after["status"] == "running" and counts_are((7, 3))
     assert after["publish_at"] == before["publish_at"] and events(env.c, small)[: len(history)] == history
-    assert httpx.post(after["access_address"], json={"instances": [[1, 2, 3, 4]]}, timeout=30).status_code == 200
+    calls(2, 0)  # counting goes on exactly across the restart
+    wait_for("9 calls, 3 failed", lambda: counts_are((9, 3)), timeout_s=30)
 
 
 def test_specifications_and_pools(env: Env) -> None:
