@@ -21,7 +21,7 @@ from typing import Any
 from serving.controlplane import cluster
 from serving.controlplane.manager import ReplicaPlan
 from serving.controlplane.schemas import Schedule
-from serving.dataplane import deploy
+from serving.dataplane import deploy, gateway
 from serving.registry import NotFound, Registry
 from serving.registry.db import now_ms
 from serving.registry.schema import Model, Service
@@ -185,6 +185,12 @@ class Reconciler:
                 self._service(row, apps.get(row.service_id), nodes, desired)
             except NotFound:
                 continue  # deleted under us
+        # the OIP routes at the data plane's root find running services by name through this application
+        routed: dict[str, dict[str, str]] = {}
+        for row in rows:
+            if row.infer_type == "real-time" and row.service_id in desired and row.status in ("running", "concerning"):
+                routed.setdefault(row.project_id, {})[row.service_name] = row.service_id
+        desired[gateway.APP] = gateway.gateway_app(routed, self._tokens)
         deploy.sync(desired)
         self._collect_counts()
 
@@ -304,6 +310,8 @@ class Reconciler:
             self._since.pop(row.service_id, None)
             self._set(row, "running", "all replicas running", progress=100, error_msg=None)
             return
+        if row.status == "running" and status == "DEPLOYING" and running:
+            return  # a config update (more replicas, new weights) rolling out while the old replicas serve
         if row.status in ("running", "concerning") or status == "UNHEALTHY":
             detail = ", ".join(f"{k}: {v}" for k, v in sorted(states.items()))
             self._set(
@@ -314,7 +322,9 @@ class Reconciler:
             )
             return
         first = self._since.setdefault(row.service_id, time.monotonic())
-        if time.monotonic() - first > PENDING_GRACE_S and _pending_replicas(row.service_id):
+        # a replica actor also pends while its worker process starts: only short resources make it "waiting"
+        starved = not any(n.alive and _fits(p.demand, n.available) for n in nodes)
+        if time.monotonic() - first > PENDING_GRACE_S and starved and _pending_replicas(row.service_id):
             self._set(
                 row,
                 "waiting",

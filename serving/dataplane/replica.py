@@ -59,19 +59,24 @@ def _placement(num_cpus: float) -> Placement:
     return Placement(device="cuda:0" if gpu_ids else "cpu", cpu_threads=max(1, round(num_cpus)), gpu_ids=gpu_ids)
 
 
+#: the OIP v2 server metadata (``GET /v2``)
+SERVER_METADATA = {"name": "enginehouse", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 #: a transport-free answer: status, headers, body
 Reply = tuple[int, dict[str, str], bytes]
 
 
-def _reply(data: Any, status: int = 200) -> Reply:
+def json_reply(data: Any, status: int = 200) -> Reply:
+    """A JSON answer."""
     return status, {"content-type": JSON}, orjson.dumps(data)
 
 
-def _error(exc: EnginehouseError) -> Reply:
-    return _reply({"error": exc.message}, exc.status_code)
+def error_reply(exc: EnginehouseError) -> Reply:
+    """``{"error": message}`` with the error's status."""
+    return json_reply({"error": exc.message}, exc.status_code)
 
 
-def _response(reply: Reply) -> Response:
+def http_response(reply: Reply) -> Response:
+    """The Starlette response of an answer."""
     status, headers, content = reply
     return Response(content, status_code=status, headers=headers)
 
@@ -244,8 +249,8 @@ class ServiceReplica:
             body = await self._body(request) if request.method in ("POST", "PUT", "PATCH") else b""
         except EnginehouseError as exc:
             self.tally.add("", True)
-            return _response(_error(exc))
-        return _response(await self.handle(request.method, sub, request.headers, body, request.url.query))
+            return http_response(error_reply(exc))
+        return http_response(await self.handle(request.method, sub, request.headers, body, request.url.query))
 
     async def handle(self, method: str, sub: str, headers: Mapping[str, str], body: bytes, query: str = "") -> Reply:
         """One request, transport-free: the HTTP ingress and the ``/v2`` gateway's handle both land here."""
@@ -254,7 +259,7 @@ class ServiceReplica:
                 check_token(headers, self._auth["tokens"], self._auth["project"])
             except EnginehouseError as exc:
                 self.tally.add("", True)
-                return _error(exc)
+                return error_reply(exc)
         first = next(iter(self.adapters.values()))
         if hasattr(first, "forward"):  # Custom engines get the request verbatim
             return await self._forward(method, sub, headers, body, query)
@@ -264,7 +269,7 @@ class ServiceReplica:
             try:
                 return self._get(sub)
             except EnginehouseError as exc:
-                return _error(exc)
+                return error_reply(exc)
         version = ""
         try:
             pinned = headers.get("x-model-version")
@@ -278,7 +283,7 @@ class ServiceReplica:
             reply = await self._infer(version, headers, body)
         except EnginehouseError as exc:
             self.tally.add(version, True)
-            return _error(exc)
+            return error_reply(exc)
         self.tally.add(version, False)
         return reply
 
@@ -319,15 +324,19 @@ class ServiceReplica:
     # async mode ------------------------------------------------------------------------------------------
     async def _async(self, method: str, sub: str, headers: Mapping[str, str], body: bytes) -> Reply:
         if self.queue is None:
-            return _reply({"error": f"service {self.name} has no async queue"}, 404)
+            return json_reply({"error": f"service {self.name} has no async queue"}, 404)
         if method == "GET":
             if sub == "/async":  # the queue's depth
-                return _reply(await asyncio.to_thread(self.queue.depth, self.service))
+                return json_reply(await asyncio.to_thread(self.queue.depth, self.service))
             rid = sub.removeprefix("/async/")
             found = await asyncio.to_thread(self.queue.get, self.service, rid)
-            return _reply(found) if found else _reply({"error": f"no async request {rid} (unknown or expired)"}, 404)
+            return (
+                json_reply(found)
+                if found
+                else json_reply({"error": f"no async request {rid} (unknown or expired)"}, 404)
+            )
         if sub != "/async":
-            return _reply({"error": f"{method} {sub} is not served; POST /async"}, 404)
+            return json_reply({"error": f"{method} {sub} is not served; POST /async"}, 404)
         version = ""
         pinned, header = headers.get("x-model-version"), headers.get(HEADER_LENGTH)
         try:
@@ -336,10 +345,10 @@ class ServiceReplica:
             self.batchers[version].adapter.validate(inputs)  # bad input is refused now, not after the 202
         except EnginehouseError as exc:
             self.tally.add(version, True)
-            return _error(exc)
+            return error_reply(exc)
         kept = {k: v for k, v in (("x-model-version", pinned), (HEADER_LENGTH, header)) if v is not None}
         rid = await asyncio.to_thread(self.queue.put, self.service, body, kept)  # durable before the 202
-        return _reply({"request_id": rid, "status": "queued"}, 202)
+        return json_reply({"request_id": rid, "status": "queued"}, 202)
 
     async def _async_worker(self) -> None:
         """Claim and run queued requests of this service, a few at a time, until the replica stops."""
@@ -398,12 +407,12 @@ class ServiceReplica:
 
     def _get(self, sub: str) -> Reply:
         if sub in ("/v2/health/live", "/v2/health/live/"):
-            return _reply({"live": True})
+            return json_reply({"live": True})
         if sub in ("/v2/health/ready", "/v2/health/ready/"):
             ready = all(a.ready for a in self.adapters.values())
-            return _reply({"ready": ready}, 200 if ready else 503)
+            return json_reply({"ready": ready}, 200 if ready else 503)
         if sub in ("/v2", "/v2/"):
-            return _reply({"name": "enginehouse", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+            return json_reply(SERVER_METADATA)
         m = _OIP_MODEL.match(sub)
         if m is None or m["tail"] == "/infer":
             raise UnknownRoute(f"GET {sub} is not served")
@@ -413,13 +422,13 @@ class ServiceReplica:
             raise UnknownVersion(self.name, m["version"], list(self.adapters))
         if m["tail"] == "/ready":
             ready = all(self.adapters[v].ready for v in versions)
-            return _reply({"name": self.name, "ready": ready}, 200 if ready else 503)
+            return json_reply({"name": self.name, "ready": ready}, 200 if ready else 503)
         if m["tail"] == "/stats":  # Triton's statistics extension, for this replica
-            return _reply({"model_stats": [self._stats(v) for v in versions]})
+            return json_reply({"model_stats": [self._stats(v) for v in versions]})
         adapter = self.adapters[versions[0] if m["version"] else self._pick(None)]
         if adapter.signature is None or not adapter.ready:
             raise ModelNotReadyError(self.name)
-        return _reply(
+        return json_reply(
             {
                 "name": self.name,
                 "versions": versions,
@@ -447,7 +456,7 @@ class ServiceReplica:
             status, out_headers, content = await adapter.forward(method, sub, dict(headers), body, query)
         except EnginehouseError as exc:
             self.tally.add(version, True)
-            return _error(exc)
+            return error_reply(exc)
         self.tally.add(version, status >= 400)
         return status, dict(out_headers), content
 

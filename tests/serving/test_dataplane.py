@@ -282,3 +282,28 @@ def test_weights_split_and_move_live_under_load(cp: ControlPlane, svc: dict[str,
     late = [v for sent, _, v in log if sent > changed + 1.0]
     assert late and set(late) == {"2.0.0"}, Counter(late)
     _put_weights(cp, svc, (50, 50))
+
+
+def test_oip_at_the_data_plane_root_finds_the_service_by_name(serve_instance: str, svc: dict[str, Any]) -> None:
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(url=serve_instance.removeprefix("http://"))
+
+    def routed() -> bool:
+        try:
+            return bool(client.is_model_ready("dp"))
+        except InferenceServerException:
+            return False
+
+    wait_for("the /v2 gateway routes dp", routed, timeout_s=30)
+    assert client.is_server_live() and client.get_server_metadata()["name"] == "enginehouse"
+    assert client.get_model_metadata("dp", "2.0.0")["versions"] == ["2.0.0"]
+    x = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float32)
+    inp = triton.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    res = client.infer("dp", [inp], model_version="1.0.0", outputs=[triton.InferRequestedOutput("y")])
+    np.testing.assert_allclose(res.as_numpy("y"), mlp_reference(x), atol=1e-4)
+    with pytest.raises(InferenceServerException, match="no running service named nope"):
+        client.infer("nope", [inp])
+    client.close()
