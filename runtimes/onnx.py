@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort  # imported only here, so the other engines never need onnxruntime
 
 from runtimes.base import ModelAdapter, Signature, TensorSpec
-from runtimes.errors import ModelLoadError
+from runtimes.errors import InvalidInputError, ModelLoadError
 
 #: onnxruntime's type strings -> OIP datatypes
 ONNX_TO_OIP: dict[str, str] = {
@@ -43,6 +43,22 @@ def _dims(shape: list[Any]) -> tuple[int, ...]:
 
 def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, oip_from_onnx(arg.type), _dims(arg.shape))
+
+
+def _to_ort(model: str, name: str, arr: np.ndarray) -> np.ndarray:
+    """BYTES elements (``bytes``) as the ``str`` objects onnxruntime's string tensors take (str() would
+    turn b"hi" into "b'hi'")."""
+    try:
+        return np.vectorize(lambda v: v.decode() if isinstance(v, bytes) else str(v), otypes=[object])(arr)
+    except UnicodeDecodeError:
+        raise InvalidInputError(model, "ONNX string tensors hold UTF-8 text; this element is not UTF-8", name) from None
+
+
+def _from_ort(arr: np.ndarray) -> np.ndarray:
+    """String outputs back as BYTES elements (UTF-8)."""
+    if arr.dtype != object:
+        return arr
+    return np.vectorize(lambda v: v.encode() if isinstance(v, str) else v, otypes=[object])(arr)
 
 
 class OnnxAdapter(ModelAdapter):
@@ -104,10 +120,13 @@ class OnnxAdapter(ModelAdapter):
         # onnxruntime wants contiguous arrays; ascontiguousarray is a no-op for arrays that already are
         feeds = {k: np.ascontiguousarray(v) for k, v in inputs.items()}
         results = self.session.run(self._output_names, feeds)
-        return {name: np.asarray(r) for name, r in zip(self._output_names, results, strict=True)}
+        return {name: _from_ort(np.asarray(r)) for name, r in zip(self._output_names, results, strict=True)}
 
     async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the session on the engine thread; returns every output by name."""
+        for name, arr in inputs.items():
+            if arr.dtype == object:
+                inputs = dict(inputs, **{name: _to_ort(self.name, name, arr)})
         return await self.run_blocking(self._run, inputs)
 
     async def unload(self) -> None:

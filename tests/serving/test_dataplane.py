@@ -3,6 +3,7 @@ dynamic batching that never mixes requests, the official tritonclient (binary an
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -39,11 +40,12 @@ def cp(serve_instance: str, example_models: Path, tmp_path_factory: pytest.TempP
     from serving.dataplane import deploy
 
     home = tmp_path_factory.mktemp("dp-home")
+    (home / "models").mkdir()
     settings = Settings(
         home=home,
         data_port=int(serve_instance.rsplit(":", 1)[1]),
         model_repository=example_models,
-        allowed_roots=str(example_models),
+        allowed_roots=os.pathsep.join([str(example_models), str(home / "models")]),
         reconcile_interval_s=0.5,
     )
     registry = open_registry(None, home)
@@ -307,3 +309,56 @@ def test_oip_at_the_data_plane_root_finds_the_service_by_name(serve_instance: st
     with pytest.raises(InferenceServerException, match="no running service named nope"):
         client.infer("nope", [inp])
     client.close()
+
+
+def _identity_model(folder: Path) -> Path:
+    """An ONNX model passing a BYTES (string) tensor and an FP16 tensor through: every byte must survive."""
+    from onnx import TensorProto, helper
+
+    folder.mkdir(parents=True)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["s"], ["s_out"]), helper.make_node("Identity", ["h"], ["h_out"])],
+        "dtypes",
+        [
+            helper.make_tensor_value_info("s", TensorProto.STRING, ["batch"]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT16, ["batch", 2]),
+        ],
+        [
+            helper.make_tensor_value_info("s_out", TensorProto.STRING, ["batch"]),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT16, ["batch", 2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    (folder / "model.onnx").write_bytes(model.SerializeToString())
+    return folder / "model.onnx"
+
+
+def test_bytes_and_fp16_through_tritonclient_binary_and_json(cp: ControlPlane) -> None:
+    import tritonclient.http as triton
+
+    src = _identity_model(cp.manager.roots[-1] / "dtypes")
+    mid = register(cp.client, "dtypes", src, "ONNX")
+    model_status(cp.client, mid, "published")
+    s = reach(cp.client, create(cp.client, "dtypes", [{"model_id": mid, "weight": 100, **CPU}]), "running")
+    client = triton.InferenceServerClient(url=s["access_address"].removeprefix("http://"))
+    words = np.array([b"hello", "wörld".encode(), b"", b"a,b\x00c"], dtype=object)
+    halves = np.array([[0.5, -2.0], [65504, 1e-3], [0, 1], [3.25, -0.125]], np.float16)
+    for binary in (True, False):
+        s_in = triton.InferInput("s", [4], "BYTES")
+        s_in.set_data_from_numpy(words, binary_data=binary)
+        h_in = triton.InferInput("h", [4, 2], "FP16")
+        h_in.set_data_from_numpy(halves, binary_data=True)  # FP16 has no JSON form in tritonclient
+        outs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("s_out", "h_out")]
+        res = client.infer("dtypes", [s_in, h_in], outputs=outs)
+        got = [w if isinstance(w, bytes) else str(w).encode() for w in res.as_numpy("s_out").ravel()]
+        assert got == list(words)
+        np.testing.assert_array_equal(res.as_numpy("h_out"), halves)
+    bad = triton.InferInput("s", [1], "BYTES")
+    bad.set_data_from_numpy(np.array([b"\xff\xfe"], dtype=object))
+    h_in = triton.InferInput("h", [1, 2], "FP16")
+    h_in.set_data_from_numpy(halves[:1])
+    with pytest.raises(triton.InferenceServerException, match="UTF-8"):
+        client.infer("dtypes", [bad, h_in])
+    client.close()
+    cp.client.delete(f"/v1/{P}/services/{s['service_id']}")

@@ -212,7 +212,8 @@ def test_up_joins_an_existing_cluster(example_models: Path, tmp_path: Path) -> N
             # the head's own view: the service's application runs there, its replica is a process of the head
             during = probe(address, client_env)
             app = service["service_id"]
-            assert during["apps"] == {app: "RUNNING"}, during
+            # the service's application, and the /v2 gateway that routes OIP calls by service name
+            assert during["apps"][app] == "RUNNING" and set(during["apps"]) == {app, "enginehouse-v2"}, during
             [node] = during["nodes"]
             assert node["node_id"] == node_id and node["alive"], during
             assert node["raylet_socket"].startswith(str(workdir / "ray") + os.sep), node
