@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,19 @@ class ControlPlane:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.client.close()
+
+
+def cp_settings(serve_url: str, example_models: Path, home: Path, *roots: Path, **extra: Any) -> Settings:
+    """Settings of a test control plane on the session's Serve: its own home, the examples and ``roots``
+    allowed as model sources, a fast reconcile loop."""
+    return Settings(
+        home=home,
+        data_port=int(serve_url.rsplit(":", 1)[1]),
+        model_repository=example_models,
+        allowed_roots=os.pathsep.join(str(r) for r in (example_models, *roots)),
+        reconcile_interval_s=0.5,
+        **extra,
+    )
 
 
 def start_control_plane(settings: Settings, registry: Registry, reconcile: bool = True, **kwargs: Any) -> ControlPlane:

@@ -24,6 +24,7 @@ from serving.settings import Settings
 from tests.conftest import free_port
 from tests.serving.cp_harness import (
     ControlPlane,
+    cp_settings,
     create,
     model_status,
     reach,
@@ -46,14 +47,7 @@ class Env:
 
 
 def _settings(serve_instance: str, example_models: Path, home: Path, **kw: Any) -> Settings:
-    return Settings(
-        home=home,
-        data_port=int(serve_instance.rsplit(":", 1)[1]),
-        model_repository=example_models,
-        allowed_roots=str(example_models),
-        reconcile_interval_s=0.5,
-        **kw,
-    )
+    return cp_settings(serve_instance, example_models, home, **kw)
 
 
 def _deploy(cp: ControlPlane, example_models: Path, name: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from serving.registry import open_registry
 from serving.settings import Settings
 from tests.serving.cp_harness import (
     ControlPlane,
+    cp_settings,
     create,
     events,
     model_status,
@@ -60,13 +61,7 @@ def env(serve_instance: str, example_models: Path, tmp_path_factory: pytest.Temp
     home = tmp_path_factory.mktemp("cp-home")
     own = home / "models"
     own.mkdir()
-    settings = Settings(
-        home=home,
-        data_port=int(serve_instance.rsplit(":", 1)[1]),
-        model_repository=example_models,
-        allowed_roots=os.pathsep.join([str(example_models), str(own)]),
-        reconcile_interval_s=0.5,
-    )
+    settings = cp_settings(serve_instance, example_models, home, own)
     registry = open_registry(None, home)
     e = Env(start_control_plane(settings, registry), settings, home, own, time.monotonic())
     yield e

@@ -3,7 +3,6 @@ dynamic batching that never mixes requests, the official tritonclient (binary an
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -18,9 +17,9 @@ import pytest
 
 from models.mlp_weights import mlp_reference
 from serving.registry import Registry, open_registry
-from serving.settings import Settings
 from tests.serving.cp_harness import (
     ControlPlane,
+    cp_settings,
     create,
     model_status,
     reach,
@@ -41,13 +40,7 @@ def cp(serve_instance: str, example_models: Path, tmp_path_factory: pytest.TempP
 
     home = tmp_path_factory.mktemp("dp-home")
     (home / "models").mkdir()
-    settings = Settings(
-        home=home,
-        data_port=int(serve_instance.rsplit(":", 1)[1]),
-        model_repository=example_models,
-        allowed_roots=os.pathsep.join([str(example_models), str(home / "models")]),
-        reconcile_interval_s=0.5,
-    )
+    settings = cp_settings(serve_instance, example_models, home, home / "models")
     registry = open_registry(None, home)
     c = start_control_plane(settings, registry)
     yield c

@@ -13,8 +13,16 @@ import httpx
 import pytest
 
 from serving.registry import open_registry
-from serving.settings import Settings
-from tests.serving.cp_harness import ControlPlane, create, model_status, reach, register, start_control_plane, wait_for
+from tests.serving.cp_harness import (
+    ControlPlane,
+    cp_settings,
+    create,
+    model_status,
+    reach,
+    register,
+    start_control_plane,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 BODY = {"instances": [[1, 2, 3, 4]]}
@@ -27,14 +35,7 @@ def locked(
     from serving.dataplane import deploy
 
     home = tmp_path_factory.mktemp("dp-auth-home")
-    settings = Settings(
-        home=home,
-        data_port=int(serve_instance.rsplit(":", 1)[1]),
-        model_repository=example_models,
-        allowed_roots=str(example_models),
-        reconcile_interval_s=0.5,
-        auth_tokens="default:tok-default,other:tok-other",
-    )
+    settings = cp_settings(serve_instance, example_models, home, auth_tokens="default:tok-default,other:tok-other")
     registry = open_registry(None, home)
     cp = start_control_plane(settings, registry)
     cp.client.headers["X-Auth-Token"] = "tok-default"
