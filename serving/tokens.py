@@ -20,8 +20,9 @@ def presented_token(headers: Mapping[str, str]) -> str:
     token = headers.get(TOKEN_HEADER)
     if token is None:
         auth = headers.get("authorization", "")
-        if auth[:6].lower() == "oauth ":
-            token = auth[6:].strip()
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() in ("oauth", "bearer"):  # ZStack clients; Prometheus's authorization setting
+            token = value.strip()
     if not token:
         raise Unauthorized("no token: send X-Auth-Token (create one with `enginehouse token create --project P`)")
     return token

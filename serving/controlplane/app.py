@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from runtimes.errors import EnginehouseError
 from serving.controlplane import cluster
@@ -76,6 +76,16 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = InvalidRequest(validation_message(exc))
         return JSONResponse({"error_code": err.error_code, "error_msg": err.message}, status_code=err.status_code)
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        if auth.enabled:  # any project's token may scrape: the metrics name services of every project
+            auth.check(request)
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from serving.controlplane.metrics import exposition
+
+        return Response(exposition(manager), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

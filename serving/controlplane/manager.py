@@ -90,6 +90,11 @@ class Manager:
         if self.queue_url:
             self._queue = open_queue(self.queue_url)
 
+    @property
+    def queue(self) -> AsyncQueue | None:
+        """The async queue (read for its depth), when one is configured."""
+        return self._queue
+
     # models -----------------------------------------------------------------------------------------------
     def _runtime(self, engine: str, wanted: str | None) -> str:
         # the catalogue lists a runtime once per request mode; keep each name once, in order

@@ -277,3 +277,10 @@ def test_every_error_code_has_a_status_and_a_test() -> None:
     here = {case[5] for case in CASES} | {"EH.0502", "EH.0503", "EH.0507"}
     assert set(table) == here | set(ELSEWHERE), sorted(set(table) ^ (here | set(ELSEWHERE)))
     assert all(400 <= status < 600 for status, _ in table.values())
+
+
+def test_metrics_want_a_token_when_auth_is_on(locked: Any) -> None:
+    cp, _, _ = locked
+    assert cp.client.get("/metrics").status_code == 401
+    r = cp.client.get("/metrics", headers={"Authorization": "Bearer tok-other"})  # Prometheus's authorization
+    assert r.status_code == 200 and "enginehouse_metrics_source_up" in r.text
