@@ -131,13 +131,20 @@ def control_plane(
     """The control-plane app with its manager and reconciler, started and stopped by the app's lifespan."""
     from serving.controlplane.app import create_app
     from serving.controlplane.auth import Authenticator
+    from serving.controlplane.metrics import Histograms
     from serving.controlplane.reconciler import Reconciler
 
     auth = Authenticator(registry, settings.tokens())
     queue = {"url": settings.queue_url(), "retention_s": settings.async_retention_s}
     data_address = f"http://{settings.data_host}:{settings.data_port}"
+    histograms = Histograms()
     reconciler = Reconciler(
-        registry, settings.reconcile_interval_s, tokens=auth.token_map, async_queue=queue, data_address=data_address
+        registry,
+        settings.reconcile_interval_s,
+        tokens=auth.token_map,
+        async_queue=queue,
+        data_address=data_address,
+        observe=histograms.add,
     )
     manager = Manager(
         registry=registry,
@@ -145,6 +152,7 @@ def control_plane(
         roots=settings.roots(),
         wake=reconciler.wake,
         queue_url=settings.queue_url(),
+        histograms=histograms,
     )
 
     @asynccontextmanager

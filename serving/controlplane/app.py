@@ -85,7 +85,7 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
 
         from serving.controlplane.metrics import exposition
 
-        return Response(exposition(manager), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(manager, manager.histograms), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -81,6 +81,7 @@ class Manager:
     roots: list[Path]
     wake: Callable[[], None] = lambda: None
     queue_url: str | None = None  # the async queue, read for its depth
+    histograms: Any = None  # serving.controlplane.metrics.Histograms the reconciler fills
     loop: asyncio.AbstractEventLoop | None = None
     catalogue: dict[str, Any] = field(default_factory=build_catalogue)
     _tasks: set[concurrent.futures.Future[None]] = field(default_factory=set)

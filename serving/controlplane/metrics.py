@@ -10,15 +10,17 @@ the scrape still answers with everything else.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serving.controlplane.manager import Manager
 from serving.controlplane.schemas import ServiceStatus
+from serving.dataplane.counters import BUCKETS, Hists
 
 log = logging.getLogger("enginehouse.metrics")
 
@@ -27,11 +29,46 @@ REQUEST_LABELS = [*SERVICE_LABELS, "model", "version"]
 STATUSES: tuple[str, ...] = ServiceStatus.__args__  # type: ignore[attr-defined]
 
 
+HISTOGRAMS = {
+    "request": ("enginehouse_request_duration_seconds", "Time from a request's arrival at the replica to its answer"),
+    "queue": ("enginehouse_queue_duration_seconds", "Time a request waited in its version's batch queue"),
+    "compute": ("enginehouse_compute_duration_seconds", "Time of one engine call (one batch)"),
+    "batch": ("enginehouse_batch_size", "Rows per engine call"),
+}
+
+
+class Histograms:
+    """The replicas' histograms, merged as their count batches are committed (so each observation once).
+
+    Kept in memory: after a control-plane restart they start again from zero, which Prometheus reads as a
+    counter reset; the request counters themselves live in the registry.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data: dict[tuple[str, str, str], tuple[list[int], float]] = {}
+
+    def add(self, service_id: str, hists: Hists) -> None:
+        """Merge one committed batch's histograms."""
+        with self._lock:
+            for version, kinds in hists.items():
+                for kind, (counts, total) in kinds.items():
+                    key = (service_id, version, kind)
+                    old, old_sum = self._data.get(key) or ([0] * len(counts), 0.0)
+                    self._data[key] = ([a + b for a, b in zip(old, counts, strict=True)], old_sum + total)
+
+    def snapshot(self) -> dict[tuple[str, str, str], tuple[list[int], float]]:
+        """A copy to expose."""
+        with self._lock:
+            return {k: (list(c), s) for k, (c, s) in self._data.items()}
+
+
 class EnginehouseCollector(Collector):
     """Every Enginehouse metric, declared here once with its fixed label set."""
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, histograms: Histograms | None = None) -> None:
         self.manager = manager
+        self.histograms = histograms
 
     def collect(self) -> Iterator[Metric]:
         """One scrape."""
@@ -97,6 +134,26 @@ class EnginehouseCollector(Collector):
                 for state, n in counts.items():
                     depth.add_metric([*labels, state], n)
         yield from (success, failure, status, replicas, depth)
+        yield from self._histograms(rows)
+
+    def _histograms(self, rows: list[Any]) -> Iterator[Metric]:
+        families = {
+            kind: HistogramMetricFamily(name, doc, labels=REQUEST_LABELS) for kind, (name, doc) in HISTOGRAMS.items()
+        }
+        services = {row.service_id: row for row in rows}
+        for (sid, version, kind), (counts, total) in (self.histograms.snapshot() if self.histograms else {}).items():
+            row = services.get(sid)
+            if row is None:
+                continue  # deleted since
+            models = {e["model_version"]: e["model_name"] for e in row.config}
+            bounds = BUCKETS[kind]
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            labels = [row.project_id, row.service_name, models.get(version, ""), version]
+            families[kind].add_metric(labels, buckets, sum_value=total)
+        yield from families.values()
 
     def _accelerators(self, up: GaugeMetricFamily) -> Iterator[Metric]:
         from runtimes.accelerators import detect_gpus, detect_npus
@@ -128,8 +185,8 @@ class EnginehouseCollector(Collector):
         yield from (f for f in (util, used, total, power, n_util, n_used, n_total) if f.samples)
 
 
-def exposition(manager: Manager) -> bytes:
+def exposition(manager: Manager, histograms: Histograms | None = None) -> bytes:
     """The text exposition of one scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(EnginehouseCollector(manager))
+    registry.register(EnginehouseCollector(manager, histograms))
     return generate_latest(registry)

@@ -140,8 +140,10 @@ class Reconciler:
         tokens: Callable[[], dict[str, str]] | None = None,
         async_queue: dict[str, Any] | None = None,
         data_address: str | None = None,
+        observe: Callable[[str, Any], None] | None = None,
     ) -> None:
         self.registry = registry
+        self.observe = observe  # gets each committed count batch's histograms
         self.data_address = data_address  # probed once before a service is called running
         self.async_queue = async_queue  # {"url", "retention_s"}: where the replicas keep async requests
         self.tokens = tokens or (lambda: {})  # {sha256: project} the replicas check; empty: auth off
@@ -200,7 +202,7 @@ class Reconciler:
         if self._sink is None:
             self._sink = counters.start_sink()
         try:
-            counters.drain(self._sink, self.registry.apply_counts)
+            counters.drain(self._sink, self.registry.apply_counts, self.observe)
         except Exception:
             self._sink = None  # gone with its node: a new one is made next tick; replicas resend
             raise

@@ -14,6 +14,7 @@ Paths under the service's ``access_address``: ``POST /`` (infer), and the Open I
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 import re
@@ -120,8 +121,15 @@ class VersionBatcher:
     dynamic first dimension are never batched.
     """
 
-    def __init__(self, adapter: ModelAdapter, max_batch_size: int, timeout_ms: float) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        max_batch_size: int,
+        timeout_ms: float,
+        observe: Callable[[str, float], None] = lambda kind, value: None,
+    ) -> None:
         self.adapter = adapter
+        self.observe = observe  # histograms: "queue"/"compute" seconds, "batch" rows
         sig = adapter.signature
         self.batchable = bool(sig and sig.inputs and all(t.shape and t.shape[0] == -1 for t in sig.inputs))
         self.max_batch_size = max_batch_size
@@ -137,30 +145,41 @@ class VersionBatcher:
         """Validate now (errors are this request's alone), then run in a batch."""
         checked = self.adapter.validate(inputs)
         if not self.batchable or _shape_key(checked) is None or _rows(checked) >= self.max_batch_size:
-            self.sizes[_rows(checked)] += 1
-            return await self.adapter.infer(checked)
+            return await self._engine(checked)
+        queued = time.perf_counter()
         result = await self._batched(checked)
         if isinstance(result, BaseException):  # the batch handler hands each request its own outcome
             raise result
-        return dict(result)
+        outputs, started = result
+        self.observe("queue", started - queued)
+        return dict(outputs)
 
-    async def _run_batch(self, items: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray] | BaseException]:
+    async def _engine(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One engine call, measured: its rows and its duration."""
+        rows = _rows(inputs)
+        self.sizes[rows] += 1
+        self.observe("batch", rows)
+        started = time.perf_counter()
+        try:
+            return await self.adapter.infer(inputs)
+        finally:
+            self.observe("compute", time.perf_counter() - started)
+
+    async def _run_batch(self, items: list[dict[str, np.ndarray]]) -> list[Any]:
         groups: dict[Any, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(_shape_key(item), []).append(i)
-        results: list[dict[str, np.ndarray] | BaseException] = [{}] * len(items)
+        results: list[Any] = [{}] * len(items)  # (outputs, engine start) or the exception, per request
         for idx in groups.values():
             await self._run_group([items[i] for i in idx], idx, results)
         return results
 
-    async def _run_group(
-        self, group: list[dict[str, np.ndarray]], idx: list[int], results: list[dict[str, np.ndarray] | BaseException]
-    ) -> None:
+    async def _run_group(self, group: list[dict[str, np.ndarray]], idx: list[int], results: list[Any]) -> None:
         merged = group[0] if len(group) == 1 else {n: np.concatenate([g[n] for g in group]) for n in group[0]}
         rows = [_rows(g) for g in group]
-        self.sizes[sum(rows)] += 1
+        started = time.perf_counter()
         try:
-            out = await self.adapter.infer(merged)
+            out = await self._engine(merged)
         except Exception as exc:  # every request of the batch gets the engine's error
             for i in idx:
                 results[i] = exc
@@ -170,13 +189,13 @@ class VersionBatcher:
             # outputs are not batch-major: run each request on its own instead of guessing a split
             for i, g in zip(idx, group, strict=True):
                 try:
-                    results[i] = await self.adapter.infer(g)
+                    results[i] = (await self._engine(g), started)
                 except Exception as exc:
                     results[i] = exc
             return
         starts = np.cumsum([0, *rows])
         for k, i in enumerate(idx):
-            results[i] = {name: o[starts[k] : starts[k + 1]] for name, o in out.items()}
+            results[i] = ({name: o[starts[k] : starts[k + 1]] for name, o in out.items()}, started)
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int:
@@ -210,7 +229,10 @@ class ServiceReplica:
             self.adapters[v["version"]] = adapter
             if not hasattr(adapter, "forward"):
                 self.batchers[v["version"]] = VersionBatcher(
-                    adapter, int(v.get("max_batch_size", 32)), float(v.get("batch_timeout_ms", 0.0))
+                    adapter,
+                    int(v.get("max_batch_size", 32)),
+                    float(v.get("batch_timeout_ms", 0.0)),
+                    observe=functools.partial(self._observe, v["version"]),
                 )
         self._auth: dict[str, Any] | None = None
         self._names: list[str] = list(self.adapters)
@@ -225,6 +247,9 @@ class ServiceReplica:
             self._lease_ms = int(float(async_queue.get("lease_s", ASYNC_LEASE_S)) * 1000)
             self._retention_ms = int(retention_s * 1000)
             self._tasks.append(loop.create_task(self._async_worker()))
+
+    def _observe(self, version: str, kind: str, value: float) -> None:
+        self.tally.observe(version, kind, value)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live traffic weights (``{"weights": {"1.0.0": 70, "2.0.0": 30}}``) and tokens; no reload, no loss."""
@@ -270,7 +295,7 @@ class ServiceReplica:
                 return self._get(sub)
             except EnginehouseError as exc:
                 return error_reply(exc)
-        version = ""
+        version, started = "", time.perf_counter()
         try:
             pinned = headers.get("x-model-version")
             if sub != "/":
@@ -282,9 +307,9 @@ class ServiceReplica:
             version = self._pick(pinned)
             reply = await self._infer(version, headers, body)
         except EnginehouseError as exc:
-            self.tally.add(version, True)
+            self.tally.add(version, True, time.perf_counter() - started)
             return error_reply(exc)
-        self.tally.add(version, False)
+        self.tally.add(version, False, time.perf_counter() - started)
         return reply
 
     async def _body(self, request: Request) -> bytes:

@@ -85,6 +85,14 @@ def test_metrics_equal_the_service_counters_and_state(cp: ControlPlane, svc: dic
     assert value("enginehouse_service_replicas", state="running") == 1
     assert value("enginehouse_async_queue_depth", state="queued") == 0
     assert all(v == 1 for (name, _), v in samples.items() if name == "enginehouse_metrics_source_up")
+    # histograms from the replicas, handed over with the counts: every call timed, every engine row seen
+    assert value("enginehouse_request_duration_seconds_count", **version) == 13
+    assert value("enginehouse_request_duration_seconds_bucket", le="+Inf", **version) == 13
+    assert 0 < value("enginehouse_request_duration_seconds_sum", **version) < 13 * 5
+    assert value("enginehouse_batch_size_sum", **version) == 9  # the 4 bad calls never reach the engine
+    calls = value("enginehouse_compute_duration_seconds_count", **version)
+    assert calls == value("enginehouse_batch_size_count", **version) and 1 <= calls <= 9
+    assert value("enginehouse_queue_duration_seconds_count", **version) <= 9
     assert not any(name.startswith("enginehouse_gpu_") for name, _ in samples)  # no NVML here: no GPU series
 
 
