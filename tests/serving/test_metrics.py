@@ -3,6 +3,8 @@ a fake NVML (the outermost boundary), and a real Prometheus (Debian's package) s
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +139,17 @@ def test_a_real_prometheus_scrapes_the_counter(cp: ControlPlane, svc: dict[str, 
             return float(result[0]["value"][1]) if result else None
 
         assert wait_for("Prometheus to scrape the counter", scraped, timeout_s=60) == 9
+        # every query of the shipped Grafana dashboard is valid PromQL over metrics the exposition has
+        dashboard = json.loads((Path(__file__).resolve().parents[2] / "dashboards" / "enginehouse.json").read_text())
+        exposed = cp.client.get("/metrics").text
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$project", ".*").replace("$service", ".*")
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}, timeout=5)
+                assert r.status_code == 200 and r.json()["status"] == "success", (panel["title"], r.text)
+                for name in re.findall(r"enginehouse_[a-z_]+", expr):
+                    family = re.sub(r"_(bucket|sum|count)$", "", name)
+                    assert family in exposed or family.startswith("enginehouse_gpu_"), (panel["title"], name)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
