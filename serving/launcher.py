@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from serving.controlplane.manager import DEFAULT_PROJECT, Manager
+from serving.logs import setup_logging
 from serving.registry import Registry, open_registry
 from serving.registry.schema import Model
 from serving.settings import Settings, check_exposure
@@ -176,7 +177,8 @@ def run_up(settings: Settings) -> int:
     import ray
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    setup_logging(settings.log_format)
+    os.environ["ENGINEHOUSE_LOG_FORMAT"] = settings.log_format  # read where the Serve configs are built
     registry = open_registry(settings.database_url, settings.home)
     check_exposure(settings, registry.count_tokens())
     repo = settings.model_repository

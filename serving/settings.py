@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,6 +40,9 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=60, description="How often the reconciler compares the registry with Ray Serve."
     )
 
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log lines as text or JSON (control plane and, through Serve, the replicas)."
+    )
     async_url: str | None = Field(
         default=None,
         description="Where async requests wait: redis://host:port/db, or a SQLAlchemy URL; None: the registry's "

@@ -23,6 +23,7 @@ from serving.controlplane.schemas import (
     ServiceStatus,
     ServiceUpdate,
 )
+from serving.logs import choose_request_id, request_id
 
 PAGE = Query(1000, ge=0, le=10_000)
 
@@ -67,6 +68,17 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
     """The management app over one manager; every project route checks the caller's token."""
     app = FastAPI(title="Enginehouse control plane", version="0.1.0", lifespan=lifespan)
     app.add_middleware(JsonBodies)
+
+    @app.middleware("http")
+    async def _with_request_id(request: Request, call_next: Any) -> Any:
+        rid = choose_request_id(request.headers.get("x-request-id"))
+        token = request_id.set(rid)
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        response.headers["X-Request-ID"] = rid
+        return response
 
     @app.exception_handler(EnginehouseError)
     async def _enginehouse_error(_: Request, exc: EnginehouseError) -> JSONResponse:

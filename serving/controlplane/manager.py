@@ -147,6 +147,7 @@ class Manager:
             model_size=disk_size(src),
             engine_config={"model_dir": str(model_dir), "config": config.model_dump(exclude_none=True)},
         )
+        log.info("model %s %s registered in %s as %s", body.model_name, body.model_version, project, model_id)
         self.validate_later(project, model_id)
         return model_id
 
@@ -269,6 +270,7 @@ class Manager:
             schedule=[s.model_dump() for s in body.schedule] if body.schedule else None,
         )
         self.registry.add_event(service_id, "deploying", "service created")
+        log.info("service %s created in %s as %s", body.service_name, project, service_id)
         self.wake()
         return service_id
 
@@ -302,6 +304,7 @@ class Manager:
         updated = self.registry.update_service(project, service_id, **fields)
         if reasons:
             self.registry.add_event(service_id, updated.status, "; ".join(reasons))
+        log.info("service %s updated: %s", service_id, "; ".join(reasons) or "description or schedule")
         self.wake()
         return updated
 
@@ -311,6 +314,7 @@ class Manager:
         if row.status != "deleting":
             self.registry.update_service(project, service_id, status="deleting", operation_time=now_ms())
             self.registry.add_event(service_id, "deleting", "deleted by the user")
+            log.info("service %s deleting", service_id)
         self.wake()
 
     def service_view(self, row: Service) -> dict[str, Any]:

@@ -9,6 +9,7 @@ this module keeps the desired set of this process and always submits all of it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +21,11 @@ from ray.serve.schema import ServeDeploySchema
 BUILDER = "serving.dataplane.replica:app_builder"
 _lock = threading.Lock()
 _apps: dict[str, dict[str, Any]] = {}
+
+
+def _log_encoding() -> str:
+    """Serve's log encoding for our applications: JSON when Enginehouse logs JSON."""
+    return "JSON" if os.environ.get("ENGINEHOUSE_LOG_FORMAT") == "json" else "TEXT"
 
 
 def service_app(
@@ -82,7 +88,7 @@ def service_app(
         "deployments": [deployment],
         # one log line per request costs the replica's event loop about 4 % (py-spy, benchmarks/README.md);
         # the counters and the service events say what a per-request log would
-        "logging_config": {"enable_access_log": False},
+        "logging_config": {"enable_access_log": False, "encoding": _log_encoding()},
     }
 
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from runtimes.errors import EnginehouseError
+from serving.dataplane import deploy
 from serving.dataplane.replica import (
     MAX_BODY,
     SERVER_METADATA,
@@ -106,5 +107,5 @@ def gateway_app(services: dict[str, dict[str, str]], tokens: dict[str, str]) -> 
         "import_path": "serving.dataplane.gateway:app_builder",
         "args": {},
         "deployments": [{"name": "gateway", "user_config": {"services": services, "tokens": tokens}}],
-        "logging_config": {"enable_access_log": False},
+        "logging_config": {"enable_access_log": False, "encoding": deploy._log_encoding()},
     }
