@@ -44,6 +44,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -569,12 +570,28 @@ def run_enginehouse(tmp: Path, repo: Path, payloads: Payloads, replica_cpus: flo
         url = svc["access_address"]
         log(f"service {svc.get('service_id')} running after {time.monotonic() - t0:.1f} s at {url}")
         label = "enginehouse" if len(args.replica_cpus) == 1 else f"enginehouse[{replica_cpus:g}cpu]"
+        scraping = threading.Event()
+        scrapes: list[float] = []
+        if args.scrape_every:  # a Prometheus-like scraper of /metrics beside the load: does it cost throughput?
+            label += f" scraped/{args.scrape_every:g}s"
+
+            def scrape() -> None:
+                with httpx.Client(timeout=10) as c:
+                    while not scraping.wait(args.scrape_every):
+                        t = time.perf_counter()
+                        c.get(f"{base}/metrics").raise_for_status()
+                        scrapes.append(time.perf_counter() - t)
+
+            threading.Thread(target=scrape, daemon=True).start()
         for fmt in args.formats:
             problem = check_answers("Enginehouse", url, payloads, fmt)
             if problem:
                 raise RuntimeError(f"Enginehouse {fmt}: {problem}")
             for clients in args.clients:
                 points.append(load(f"{label} {fmt}", url, payloads.requests(fmt), clients, args, proc.pid))
+        scraping.set()
+        if scrapes:
+            log(f"  /metrics scraped {len(scrapes)} times, median {sorted(scrapes)[len(scrapes) // 2] * 1000:.1f} ms")
         try:  # how the batcher and the 50/50 split behaved (Triton-style stats of the replica)
             stats = httpx.get(f"{url}/v2/models/{SERVICE}/stats", timeout=5).json()
             for m in stats.get("model_stats", []):
@@ -747,6 +764,12 @@ def verdicts(points: list[Point], clients: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=12.0, help="measured seconds per point (default 12)")
+    ap.add_argument(
+        "--scrape-every",
+        type=float,
+        default=0.0,
+        help="scrape Enginehouse's /metrics every S seconds during its points",
+    )
     ap.add_argument(
         "--instances",
         type=int,

@@ -153,3 +153,21 @@ def test_a_real_prometheus_scrapes_the_counter(cp: ControlPlane, svc: dict[str, 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_failing_source_is_reported_and_the_rest_served(
+    cp: ControlPlane, svc: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = fake_pynvml()
+
+    def crash() -> int:
+        raise RuntimeError("the NVML library crashed")  # not an NVMLError: the source itself fails
+
+    broken.nvmlDeviceGetCount = crash  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    r = cp.client.get("/metrics")
+    assert r.status_code == 200
+    samples = _samples(r.text)
+    up = {dict(labels)["source"]: v for (name, labels), v in samples.items() if name == "enginehouse_metrics_source_up"}
+    assert up["nvml"] == 0 and up["registry"] == 1 and up["ray_serve"] == 1
+    assert any(name == "enginehouse_inference_requests_success_total" for name, _ in samples)
