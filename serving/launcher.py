@@ -134,6 +134,7 @@ def control_plane(
     from serving.controlplane.auth import Authenticator
     from serving.controlplane.metrics import Histograms
     from serving.controlplane.reconciler import Reconciler
+    from serving.dataplane.asyncq import open_queue
 
     auth = Authenticator(registry, settings.tokens())
     queue = {"url": settings.queue_url(), "retention_s": settings.async_retention_s}
@@ -152,7 +153,7 @@ def control_plane(
         data_address=data_address,
         roots=settings.roots(),
         wake=reconciler.wake,
-        queue_url=settings.queue_url(),
+        queue=open_queue(settings.queue_url(), settings.async_retention_s),
         histograms=histograms,
     )
 

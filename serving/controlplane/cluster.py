@@ -91,7 +91,8 @@ def ray_nodes() -> list[NodeInfo]:
     return sorted(nodes, key=lambda n: (n.created, n.node_id))
 
 
-def _npu_keys(resources: Iterable[str]) -> list[str]:
+def npu_keys(resources: Iterable[str]) -> list[str]:
+    """The NPU resource keys among Ray resource names, sorted."""
     # NPU plugins name their resource like a Kubernetes extended resource ("vendor.domain/device"); Ray's own
     # and user-defined custom resources do not carry a "/"
     return sorted(k for k in resources if "/" in k)
@@ -102,7 +103,7 @@ def _quantities(values: dict[str, float], like: dict[str, float]) -> dict[str, s
     out = {"cpu": f"{round(values.get('CPU', 0.0) * 1000)}m", "memory": f"{int(values.get('memory', 0.0) // _MB)}Mi"}
     if like.get("GPU", 0.0) > 0:
         out["nvidia.com/gpu"] = f"{values.get('GPU', 0.0):g}"  # a shared GPU leaves a fraction available
-    for key in _npu_keys(like):
+    for key in npu_keys(like):
         out[key] = str(int(values.get(key, 0.0)))
     return out
 
@@ -114,7 +115,7 @@ def _iso(when: datetime) -> str:
 def _node_flavor(total: dict[str, float]) -> str:
     if total.get("GPU", 0.0) > 0:
         return f"local.gpu.{total['GPU']:g}"
-    npus = _npu_keys(total)
+    npus = npu_keys(total)
     if npus:
         return f"local.npu.{int(total[npus[0]])}"
     return f"local.cpu.{total.get('CPU', 0.0):g}u"
@@ -239,7 +240,7 @@ def specifications(nodes: list[NodeInfo]) -> list[dict[str, Any]]:
         for g in [0.5, *_doublings(most("GPU"))]:
             share = max(1, int(g))
             candidates.append(_spec(f"local.gpu.{g:g}", share * _ACCEL_CPU, share * _ACCEL_MEMORY_MB, gpu=g))
-    keys = _npu_keys({k for n in alive for k in n.total})
+    keys = npu_keys({k for n in alive for k in n.total})
     for key in keys:
         # the short name stays while the cluster has one NPU kind; several kinds need the device in the name
         prefix = "local.npu" if len(keys) == 1 else f"local.{key.rsplit('/', 1)[-1]}"

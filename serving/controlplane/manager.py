@@ -27,7 +27,7 @@ from serving.controlplane.errors import (
     UnknownRuntime,
 )
 from serving.controlplane.schemas import ModelCreate, ServiceConfigEntry, ServiceCreate, ServiceUpdate
-from serving.dataplane.asyncq import AsyncQueue, open_queue
+from serving.dataplane.asyncq import AsyncQueue
 from serving.registry import NotFound, Registry
 from serving.registry.db import now_ms
 from serving.registry.schema import Model, Service
@@ -63,16 +63,6 @@ def disk_size(path: Path) -> int:
 
 
 @dataclass
-class ReplicaPlan:
-    """How one service becomes a Ray Serve application, and what one replica asks of a node."""
-
-    app: dict[str, Any]
-    demand: dict[str, float]
-    replicas: int
-    autoscaling: bool
-
-
-@dataclass
 class Manager:
     """The control plane's operations over the registry; ``wake`` nudges the reconciler after a change."""
 
@@ -80,21 +70,11 @@ class Manager:
     data_address: str
     roots: list[Path]
     wake: Callable[[], None] = lambda: None
-    queue_url: str | None = None  # the async queue, read for its depth
+    queue: AsyncQueue | None = None  # the async queue, read for its depth
     histograms: Any = None  # serving.controlplane.metrics.Histograms the reconciler fills
     loop: asyncio.AbstractEventLoop | None = None
     catalogue: dict[str, Any] = field(default_factory=build_catalogue)
     _tasks: set[concurrent.futures.Future[None]] = field(default_factory=set)
-    _queue: AsyncQueue | None = None
-
-    def __post_init__(self) -> None:
-        if self.queue_url:
-            self._queue = open_queue(self.queue_url)
-
-    @property
-    def queue(self) -> AsyncQueue | None:
-        """The async queue (read for its depth), when one is configured."""
-        return self._queue
 
     # models -----------------------------------------------------------------------------------------------
     def _runtime(self, engine: str, wanted: str | None) -> str:
@@ -363,8 +343,8 @@ class Manager:
         }
         if row.infer_type == "real-time":
             out["access_address"] = f"{self.data_address}/v1/infers/{row.service_id}"
-            if self._queue is not None:
-                out["async_queue"] = self._queue.depth(row.service_id)
+            if self.queue is not None:
+                out["async_queue"] = self.queue.depth(row.service_id)
         if row.status == "deploying":
             out["progress"] = row.progress
         if row.status in ("failed", "waiting", "concerning") and row.error_msg:

@@ -115,10 +115,11 @@ class EnginehouseCollector(Collector):
         _, rows = self._try(up, "registry", lambda: reg.list_services(None, limit=1_000_000), (0, []))
         apps = self._try(up, "ray_serve", deploy.app_states, {})
         queue = self.manager.queue
+        counts_of = self._try(up, "counters", reg.all_counts, {})
         for row in rows:
             labels = [row.project_id, row.service_name]
             models = {e["model_version"]: e["model_name"] for e in row.config}
-            for version, (inv, failed) in reg.get_counts(row.service_id).items():
+            for version, (inv, failed) in counts_of.get(row.service_id, {}).items():
                 success.add_metric([*labels, models.get(version, ""), version], inv - failed)
                 failure.add_metric([*labels, models.get(version, ""), version], failed)
             for s in STATUSES:

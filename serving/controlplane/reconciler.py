@@ -16,10 +16,10 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from serving.controlplane import cluster
-from serving.controlplane.manager import ReplicaPlan
 from serving.controlplane.schemas import Schedule
 from serving.dataplane import deploy, gateway
 from serving.registry import NotFound, Registry
@@ -32,6 +32,16 @@ MB = 1024 * 1024
 #: a replica actor pending this long for resources makes a deploying service ``waiting``
 PENDING_GRACE_S = 2.0
 _EXCEPTION_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception)): (.+)$")
+
+
+@dataclass
+class ReplicaPlan:
+    """How one service becomes a Ray Serve application, and what one replica asks of a node."""
+
+    app: dict[str, Any]
+    demand: dict[str, float]
+    replicas: int
+    autoscaling: bool
 
 
 def _engine_error(message: str) -> str:
@@ -125,7 +135,7 @@ def _custom_resources(spec: dict[str, Any], nodes: list[cluster.NodeInfo]) -> di
     if spec.get("ascend_a310"):
         # the NPU plugin names the resource (e.g. huawei.com/ascend-310); with none in the cluster the
         # demand names a key no node has, so the service waits and says why
-        keys = sorted({k for n in nodes for k in n.total if "/" in k}) or ["huawei.com/ascend-310"]
+        keys = cluster.npu_keys({k for n in nodes for k in n.total}) or ["huawei.com/ascend-310"]
         npu[keys[0]] = float(spec["ascend_a310"])
     return {"cpu": spec["cpu"], "gpu": spec.get("gpu_p4", 0.0), "memory": spec.get("memory"), "npu": npu}
 
@@ -151,8 +161,8 @@ class Reconciler:
         self.interval_s = interval_s
         self._event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._since: dict[str, float] = {}
-        self._tokens: dict[str, str] = {}  # service -> when its current deploy attempt was first seen pending
+        self._since: dict[str, float] = {}  # service -> when its current deploy attempt was first seen pending
+        self._tokens: dict[str, str] = {}  # this tick's tokens
 
     def wake(self) -> None:
         """Run the next tick now (thread-safe)."""
@@ -179,12 +189,14 @@ class Reconciler:
         apps = deploy.app_states()
         nodes = cluster.ray_nodes()
         self._tokens = self.tokens()
+        # every model of every service in one read, not one per config entry per tick
+        models = self.registry.models_by_id({e["model_id"] for row in rows for e in row.config})
         desired: dict[str, dict[str, Any]] = {}
         for row in rows:
             if row.infer_type != "real-time":
                 continue
             try:
-                self._service(row, apps.get(row.service_id), nodes, desired)
+                self._service(row, apps.get(row.service_id), nodes, models, desired)
             except NotFound:
                 continue  # deleted under us
         # the OIP routes at the data plane's root find running services by name through this application
@@ -222,7 +234,12 @@ class Reconciler:
         )
 
     def _service(
-        self, row: Service, app: deploy.AppState | None, nodes: list[cluster.NodeInfo], desired: dict[str, Any]
+        self,
+        row: Service,
+        app: deploy.AppState | None,
+        nodes: list[cluster.NodeInfo],
+        all_models: dict[str, Model],
+        desired: dict[str, Any],
     ) -> None:
         if row.status == "deleting":
             if app is None:
@@ -230,7 +247,8 @@ class Reconciler:
                 log.info("service %s deleted", row.service_id)
             return
         if row.desired_status == "stopped":
-            self._set(row, "stopping" if app is not None else "stopped", "stopped" if app is None else "stopping")
+            done = "stopped" if app is None else "stopping"
+            self._set(row, done, done)
             return
         if row.status == "failed":
             return  # stays down until the user updates or restarts it
@@ -238,9 +256,7 @@ class Reconciler:
             self.registry.update_service(row.project_id, row.service_id, desired_status="stopped")
             self._set(row, "stopping", "auto-stop schedule reached")
             return
-        models: dict[str, Model] = {}
-        for e in row.config:
-            models[e["model_id"]] = self.registry.get_model(row.project_id, e["model_id"])
+        models = {e["model_id"]: all_models[e["model_id"]] for e in row.config}
         failed = [m for m in models.values() if m.model_status == "failed"]
         if failed:
             m = failed[0]

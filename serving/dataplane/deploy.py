@@ -167,21 +167,15 @@ def app_states() -> dict[str, AppState]:
     return out
 
 
-def status(name: str) -> str | None:
-    """Ray Serve's status of an application (``RUNNING``, ``DEPLOYING``, ...) or None when absent."""
-    app = serve.status().applications.get(name)
-    return str(app.status.value) if app else None
-
-
 def wait_running(name: str, timeout_s: float = 120.0) -> None:
     """Block until the application runs; raise with Serve's message when it fails or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        app = serve.status().applications.get(name)
+        app = app_states().get(name)
         if app is not None:
-            if app.status.value == "RUNNING":
+            if app.status == "RUNNING":
                 return
-            if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise RuntimeError(f"application {name} is {app.status.value}: {app.message}")
+            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"application {name} is {app.status}: {app.message}")
         time.sleep(0.2)
     raise TimeoutError(f"application {name} not running after {timeout_s:.0f} s")

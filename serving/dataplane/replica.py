@@ -241,7 +241,9 @@ class ServiceReplica:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.tally.run())]
         self.queue: AsyncQueue | None = None
-        if async_queue and not hasattr(next(iter(self.adapters.values())), "forward"):
+        # a Custom engine's server gets every request verbatim (its adapter forwards raw HTTP)
+        self.custom = hasattr(next(iter(self.adapters.values())), "forward")
+        if async_queue and not self.custom:
             retention_s = float(async_queue.get("retention_s", 3600))
             self.queue = await asyncio.to_thread(open_queue, async_queue["url"], retention_s)
             self._lease_ms = int(float(async_queue.get("lease_s", ASYNC_LEASE_S)) * 1000)
@@ -285,8 +287,7 @@ class ServiceReplica:
             except EnginehouseError as exc:
                 self.tally.add("", True)
                 return error_reply(exc)
-        first = next(iter(self.adapters.values()))
-        if hasattr(first, "forward"):  # Custom engines get the request verbatim
+        if self.custom:
             return await self._forward(method, sub, headers, body, query)
         if sub == "/async" or sub.startswith("/async/"):
             return await self._async(method, sub, headers, body)

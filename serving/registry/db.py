@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -286,6 +286,11 @@ class Registry:
             if res.rowcount == 0:  # type: ignore[attr-defined]
                 raise NotFound(f"model {model_id} not found")
 
+    def models_by_id(self, model_ids: Iterable[str]) -> dict[str, Model]:
+        """``{model_id: row}`` of the given models, any project, in one query."""
+        with self.session() as s:
+            return {m.model_id: m for m in s.scalars(select(Model).where(Model.model_id.in_(list(model_ids))))}
+
     def services_using_model(self, project_id: str, model_id: str) -> list[str]:
         with self.session() as s:
             services = s.scalars(select(Service).where(Service.project_id == project_id))
@@ -449,6 +454,14 @@ class Registry:
                     row.invocation_times += inv
                     row.failed_times += failed
             return True
+
+    def all_counts(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """``{service_id: {model_version: (invocation_times, failed_times)}}`` of every service, in one query."""
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        with self.session() as s:
+            for r in s.scalars(select(Counter)):
+                out.setdefault(r.service_id, {})[r.model_version] = (r.invocation_times, r.failed_times)
+        return out
 
     def get_counts(self, service_id: str) -> dict[str, tuple[int, int]]:
         """``{model_version: (invocation_times, failed_times)}`` of one service."""
