@@ -340,8 +340,11 @@ class CustomAdapter(ModelAdapter):
 
     async def forward_stream(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes, query: str = ""
-    ) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
-        """Send one raw request; returns status and headers at once and the body as an async iterator."""
+    ) -> tuple[int, dict[str, str], AsyncIterator[bytes], int | None]:
+        """Send one raw request; status and headers at once, the body as an async iterator, and its length.
+
+        The length is the server's Content-Length (None for a chunked or close-delimited body, i.e. a stream).
+        """
         request = self._request(method, path, headers, body, query)
         assert self._client is not None
         try:
@@ -359,4 +362,6 @@ class CustomAdapter(ModelAdapter):
             finally:
                 await response.aclose()
 
-        return response.status_code, _clean_headers(response.headers), chunks()
+        raw_length = response.headers.get("content-length", "")
+        length = int(raw_length) if raw_length.isdigit() else None
+        return response.status_code, _clean_headers(response.headers), chunks(), length

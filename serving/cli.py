@@ -90,6 +90,55 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_template(args: argparse.Namespace) -> int:
+    """list / show / create / delete model-service templates, straight on the registry."""
+    from pydantic import ValidationError
+
+    from runtimes.errors import EnginehouseError
+    from serving.controlplane import templates
+    from serving.registry import open_registry
+
+    settings = Settings()
+    registry = open_registry(settings.database_url, settings.home)
+    try:
+        templates.seed_system(registry)
+        if args.template_command == "list":
+            rows = registry.list_templates(args.project)
+            for r in rows:
+                kind = "system" if r.system else r.project_id
+                print(f"{r.uuid}  {r.name:<28} {r.spec.get('framework', ''):<10} {kind}")
+        elif args.template_command == "show":
+            row = registry.get_template(args.uuid)
+            print(json.dumps(templates.inventory(row, registry.template_users(row.uuid)), indent=2))
+        elif args.template_command == "create":
+            raw = Path(args.file).read_text()
+            data = json.loads(raw) if args.file.endswith(".json") else _yaml_mapping(raw)
+            print(templates.create(registry, args.project, templates.TemplateCreate.model_validate(data)))
+        else:
+            registry.delete_template(args.project, args.uuid)
+    except ValidationError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    except EnginehouseError as exc:
+        print(f"error {exc.error_code}: {exc.message}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        registry.close()
+    return 0
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError("the template file must hold a mapping of template fields")
+    return data
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="enginehouse", description=__doc__)
@@ -120,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--project", required=True, help="the project the token opens")
     t.add_argument("--description", default="", help="what the token is for")
     t.set_defaults(func=_cmd_token_create)
+
+    p = sub.add_parser("template", help="model-service templates: recipes for Custom engines (ZStack's)")
+    template_sub = p.add_subparsers(dest="template_command", required=True)
+    t = template_sub.add_parser("list", help="the system templates and the project's own")
+    t.add_argument("--project", default="default")
+    t = template_sub.add_parser("show", help="one template, as the ZStack API answers it")
+    t.add_argument("uuid", help="uuid or name")
+    t = template_sub.add_parser("create", help="create a template from a JSON or YAML file of its fields")
+    t.add_argument("--file", required=True, help="the template's fields (name, startCommand, yaml, ...)")
+    t.add_argument("--project", default="default")
+    t = template_sub.add_parser("delete", help="delete one of the project's templates (not while a model uses it)")
+    t.add_argument("uuid")
+    t.add_argument("--project", default="default")
+    p.set_defaults(func=_cmd_template)
     return parser
 
 

@@ -130,12 +130,14 @@ def control_plane(
     settings: Settings, registry: Registry, seed: dict[str, dict[str, Any]] | None = None
 ) -> tuple[FastAPI, Manager]:
     """The control-plane app with its manager and reconciler, started and stopped by the app's lifespan."""
+    from serving.controlplane import templates
     from serving.controlplane.app import create_app
     from serving.controlplane.auth import Authenticator
     from serving.controlplane.metrics import Histograms
     from serving.controlplane.reconciler import Reconciler
     from serving.dataplane.asyncq import open_queue
 
+    templates.seed_system(registry)
     auth = Authenticator(registry, settings.tokens())
     queue = {"url": settings.queue_url(), "retention_s": settings.async_retention_s}
     data_address = f"http://{settings.data_host}:{settings.data_port}"

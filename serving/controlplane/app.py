@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from runtimes.errors import EnginehouseError
-from serving.controlplane import cluster
+from serving.controlplane import cluster, templates
 from serving.controlplane.auth import Authenticator
 from serving.controlplane.errors import InvalidRequest
 from serving.controlplane.manager import Manager
@@ -24,6 +24,8 @@ from serving.controlplane.schemas import (
     ServiceUpdate,
 )
 from serving.logs import choose_request_id, request_id
+from serving.registry import NotFound
+from serving.tokens import presented_token
 
 PAGE = Query(1000, ge=0, le=10_000)
 
@@ -103,6 +105,46 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    # ZStack's model-service templates: its answer shape, errors included, and its OAuth header
+    def _zstack_error(exc: EnginehouseError) -> JSONResponse:
+        error = {
+            "code": exc.error_code,
+            "description": (type(exc).__doc__ or exc.error_code).splitlines()[0],
+            "details": exc.message,
+            "elaboration": None,
+            "opaque": None,
+            "cause": None,
+        }
+        return JSONResponse({"success": False, "error": error}, status_code=exc.status_code)
+
+    def _zstack_project(request: Request) -> str | None:
+        """The caller's project (None: auth off, every template is visible)."""
+        if not auth.enabled:
+            return None
+        auth.check(request)
+        return auth.project_of(presented_token(request.headers))
+
+    @app.get("/zstack/v1/ai/model-services")
+    def zstack_templates(request: Request) -> JSONResponse:
+        try:
+            rows = manager.registry.list_templates(_zstack_project(request))
+        except EnginehouseError as exc:
+            return _zstack_error(exc)
+        items = [templates.inventory(r, manager.registry.template_users(r.uuid)) for r in rows]
+        return JSONResponse({"success": True, "error": None, "inventories": items})
+
+    @app.get("/zstack/v1/ai/model-services/{uuid}")
+    def zstack_template(uuid: str, request: Request) -> JSONResponse:
+        try:
+            project = _zstack_project(request)
+            row = manager.registry.get_template(uuid)
+            if project is not None and not row.system and row.project_id != project:
+                raise NotFound(f"model-service template {uuid} not found")
+        except EnginehouseError as exc:
+            return _zstack_error(exc)
+        item = templates.inventory(row, manager.registry.template_users(row.uuid))
+        return JSONResponse({"success": True, "error": None, "inventories": [item]})
+
     api = APIRouter(dependencies=[Depends(auth.check)])
     # first, so that /services/specifications is matched before /services/{service_id}
     api.include_router(cluster.router)
@@ -162,6 +204,29 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
     def delete_model(project_id: str, model_id: str) -> dict[str, str]:
         manager.registry.delete_model(project_id, model_id)
         return {"model_id": model_id}
+
+    # model-service templates ------------------------------------------------------------------------------
+    @api.post("/v1/{project_id}/model-services")
+    def create_template(project_id: str, body: templates.TemplateCreate) -> dict[str, str]:
+        return {"uuid": templates.create(manager.registry, project_id, body)}
+
+    @api.get("/v1/{project_id}/model-services")
+    def list_templates(project_id: str) -> dict[str, Any]:
+        rows = manager.registry.list_templates(project_id)
+        items = [templates.inventory(r, manager.registry.template_users(r.uuid)) for r in rows]
+        return {"total_count": len(items), "count": len(items), "inventories": items}
+
+    @api.get("/v1/{project_id}/model-services/{uuid}")
+    def get_template(project_id: str, uuid: str) -> dict[str, Any]:
+        row = manager.registry.get_template(uuid)
+        if not row.system and row.project_id != project_id:
+            raise NotFound(f"model-service template {uuid} not found")
+        return templates.inventory(row, manager.registry.template_users(row.uuid))
+
+    @api.delete("/v1/{project_id}/model-services/{uuid}")
+    def delete_template(project_id: str, uuid: str) -> dict[str, str]:
+        manager.registry.delete_template(project_id, uuid)
+        return {"uuid": uuid}
 
     # services -------------------------------------------------------------------------------------------
     @api.post("/v1/{project_id}/services")

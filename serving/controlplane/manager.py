@@ -17,7 +17,7 @@ from typing import Any
 from runtimes.base import CONFIG_FILE, ModelConfig, read_model_config
 from runtimes.catalogue import build_catalogue
 from runtimes.registry import adapter_class
-from serving.controlplane import cluster
+from serving.controlplane import cluster, templates
 from serving.controlplane.errors import (
     InvalidRequest,
     InvalidTransition,
@@ -30,7 +30,7 @@ from serving.controlplane.schemas import ModelCreate, ServiceConfigEntry, Servic
 from serving.dataplane.asyncq import AsyncQueue
 from serving.registry import NotFound, Registry
 from serving.registry.db import now_ms
-from serving.registry.schema import Model, Service
+from serving.registry.schema import Model, ModelServiceTemplate, Service
 
 log = logging.getLogger("enginehouse.controlplane")
 
@@ -87,7 +87,9 @@ class Manager:
             raise UnknownRuntime(f"runtime {wanted!r} is not offered for {engine}; runtimes: {', '.join(names)}")
         return wanted
 
-    def _engine_config(self, body: ModelCreate, src: Path) -> tuple[Path, ModelConfig]:
+    def _engine_config(
+        self, body: ModelCreate, src: Path, template: ModelServiceTemplate | None = None
+    ) -> tuple[Path, ModelConfig]:
         model_dir, model_file = (src.parent, src.name) if src.is_file() else (src, None)
         data: dict[str, Any] = {"engine": body.model_type}
         if src.is_dir() and (src / CONFIG_FILE).is_file():
@@ -105,7 +107,15 @@ class Manager:
             if getattr(body, k) is not None
         }
         if body.model_type == "Custom":
-            data.update(custom, health_path=body.health_path)
+            if template is not None:  # the recipe first; what the model gives itself wins
+                recipe = templates.custom_fields(template, body.template_params or {})
+                if custom.get("start_command") or custom.get("image"):
+                    recipe = {k: v for k, v in recipe.items() if k in ("env", "port")}
+                recipe["env"] = {**data.get("env", {}), **recipe["env"]}
+                data.update(recipe)
+            if template is None or "health_path" in body.model_fields_set:
+                data["health_path"] = body.health_path
+            data.update(custom)
         data["runtime"] = self._runtime(body.model_type, body.runtime or data.get("runtime"))
         adapter_class(body.model_type)  # an engine whose package is missing is refused now, with the extra
         return model_dir, ModelConfig.model_validate(data)
@@ -113,7 +123,15 @@ class Manager:
     def register_model(self, project: str, body: ModelCreate) -> str:
         """Store the version as ``publishing`` and validate it with its engine in the background."""
         src = resolve_source(body.source_location, self.roots)
-        model_dir, config = self._engine_config(body, src)
+        template = None
+        if body.template is not None:
+            try:
+                template = self.registry.get_template(body.template)
+            except NotFound:
+                raise InvalidRequest(f"template: model-service template {body.template} not found") from None
+            if not template.system and template.project_id != project:
+                raise InvalidRequest(f"template: model-service template {body.template} not found")
+        model_dir, config = self._engine_config(body, src, template)
         model_id = self.registry.add_model(
             project,
             model_name=body.model_name,
@@ -126,6 +144,7 @@ class Manager:
             specification=body.specification.model_dump(exclude_none=True),
             model_size=disk_size(src),
             engine_config={"model_dir": str(model_dir), "config": config.model_dump(exclude_none=True)},
+            template_uuid=template.uuid if template is not None else None,
         )
         log.info("model %s %s registered in %s as %s", body.model_name, body.model_version, project, model_id)
         self.validate_later(project, model_id)
@@ -201,6 +220,8 @@ class Manager:
                 out["error_msg"] = row.error_msg
             if row.custom:
                 out["custom"] = row.custom
+            if row.template_uuid:
+                out["template"] = row.template_uuid
         return out
 
     # services ---------------------------------------------------------------------------------------------

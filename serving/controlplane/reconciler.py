@@ -45,9 +45,18 @@ class ReplicaPlan:
 
 
 def _engine_error(message: str) -> str:
-    """The engine's own reason out of Ray Serve's deploy-failure text (a traceback), else the text."""
-    lines = [m.group(3) for m in map(_EXCEPTION_LINE.match, message.splitlines()) if m]
-    return lines[-1].strip() if lines else message.strip()[-2000:]
+    """The engine's own reason out of Ray Serve's deploy-failure text (a traceback), else the text.
+
+    The reason is the last exception line and the lines after it: a message that goes on over several
+    lines (a custom server's last log lines) is kept whole.
+    """
+    lines = message.splitlines()
+    found = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+    if not found:
+        return message.strip()[-2000:]
+    first = _EXCEPTION_LINE.match(lines[found[-1]])
+    assert first is not None
+    return "\n".join([first.group(3).strip(), *lines[found[-1] + 1 :]]).strip()[:2000]
 
 
 def _pending_replicas(app: str) -> int:

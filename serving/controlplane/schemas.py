@@ -52,6 +52,12 @@ class ModelCreate(Strict):
     container_args: list[str] | None = Field(default=None, max_length=256)
     port: int | None = Field(default=None, ge=1024, le=65535)
     health_path: str = Field(default="/health", pattern=r"^/[^\s]*$", max_length=256)
+    template: str | None = Field(
+        default=None, min_length=1, max_length=128, description="A model-service template's uuid or name."
+    )
+    template_params: dict[str, str | int | float | bool] | None = Field(
+        default=None, max_length=64, description="Values of the template's parameters (its `yaml`)."
+    )
 
     @field_validator("start_command")
     @classmethod
@@ -62,11 +68,22 @@ class ModelCreate(Strict):
 
     @model_validator(mode="after")
     def _custom_fields(self) -> Self:
-        custom = self.image or self.start_command or self.container_command or self.container_args
-        if self.model_type == "Custom" and not (self.image or self.start_command):
-            raise ValueError("a Custom model needs start_command (an argument list) or image")
+        custom = (
+            self.image
+            or self.start_command
+            or self.container_command
+            or self.container_args
+            or self.template
+            or self.template_params
+        )
+        if self.model_type == "Custom" and not (self.image or self.start_command or self.template):
+            raise ValueError("a Custom model needs start_command (an argument list), image or template")
+        if self.template_params and not self.template:
+            raise ValueError("template_params are only read with template")
         if self.model_type != "Custom" and custom:
-            raise ValueError(f"image/start_command/container_* are only for Custom models, not {self.model_type}")
+            raise ValueError(
+                f"image/start_command/container_*/template are only for Custom models, not {self.model_type}"
+            )
         return self
 
 

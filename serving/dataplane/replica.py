@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from runtimes.base import ModelAdapter, ModelConfig, Placement
 from runtimes.errors import EnginehouseError, InvalidInputError, ModelNotReadyError
@@ -277,16 +277,27 @@ class ServiceReplica:
         except EnginehouseError as exc:
             self.tally.add("", True)
             return http_response(error_reply(exc))
+        if self.custom:  # straight through, so a streamed answer streams
+            denied = self._denied(sub, request.headers)
+            return http_response(denied) if denied else await self._stream(request, sub, body)
         return http_response(await self.handle(request.method, sub, request.headers, body, request.url.query))
+
+    def _denied(self, sub: str, headers: Mapping[str, str]) -> Reply | None:
+        """The 401/403 answer when auth is on and the token does not open this service; None when it does."""
+        if self._auth is None or sub.startswith("/v2/health/"):  # probes need no token
+            return None
+        try:
+            check_token(headers, self._auth["tokens"], self._auth["project"])
+        except EnginehouseError as exc:
+            self.tally.add("", True)
+            return error_reply(exc)
+        return None
 
     async def handle(self, method: str, sub: str, headers: Mapping[str, str], body: bytes, query: str = "") -> Reply:
         """One request, transport-free: the HTTP ingress and the ``/v2`` gateway's handle both land here."""
-        if self._auth is not None and not sub.startswith("/v2/health/"):  # probes need no token
-            try:
-                check_token(headers, self._auth["tokens"], self._auth["project"])
-            except EnginehouseError as exc:
-                self.tally.add("", True)
-                return error_reply(exc)
+        denied = self._denied(sub, headers)
+        if denied:
+            return denied
         if self.custom:
             return await self._forward(method, sub, headers, body, query)
         if sub == "/async" or sub.startswith("/async/"):
@@ -485,6 +496,24 @@ class ServiceReplica:
             return error_reply(exc)
         self.tally.add(version, status >= 400)
         return status, dict(out_headers), content
+
+    async def _stream(self, request: Request, sub: str, body: bytes) -> Response:
+        """A Custom engine's answer as it comes: buffered when the server gave its length, streamed if not."""
+        version = ""
+        try:
+            version = self._pick(request.headers.get("x-model-version"))
+            adapter: Any = self.adapters[version]
+            status, headers, chunks, length = await adapter.forward_stream(
+                request.method, sub, dict(request.headers), body, request.url.query
+            )
+            content = None if length is None else b"".join([c async for c in chunks])
+        except EnginehouseError as exc:
+            self.tally.add(version, True)
+            return http_response(error_reply(exc))
+        self.tally.add(version, status >= 400)  # a stream that breaks later is the server's failure to report
+        if content is None:
+            return StreamingResponse(chunks, status_code=status, headers=headers)
+        return Response(content, status_code=status, headers=headers)
 
     async def check_health(self) -> None:
         """Ray Serve's health probe: every adapter must say it is healthy, else the replica restarts."""

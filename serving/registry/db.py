@@ -18,7 +18,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from runtimes.errors import EnginehouseError
-from serving.registry.schema import AsyncRequest, Counter, CounterAck, Model, Service, ServiceEvent, Token
+from serving.registry.schema import (
+    AsyncRequest,
+    Counter,
+    CounterAck,
+    Model,
+    ModelServiceTemplate,
+    Service,
+    ServiceEvent,
+    Token,
+)
 from serving.tokens import hash_token
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -181,6 +190,7 @@ class Registry:
         engine_config: dict[str, Any] | None = None,
         model_status: str = "publishing",
         create_at: int | None = None,
+        template_uuid: str | None = None,
     ) -> str:
         model_id = str(uuid.uuid4())
         row = Model(
@@ -199,6 +209,7 @@ class Registry:
             custom=custom,
             engine_config=engine_config,
             create_at=now_ms() if create_at is None else create_at,
+            template_uuid=template_uuid,
         )
         try:
             with self.session() as s:
@@ -308,6 +319,77 @@ class Registry:
             ]
             if users:
                 raise InUse(f"model {model_id} is used by service(s) {', '.join(users)}; delete or update them first")
+            s.delete(row)
+
+    # model-service templates ----------------------------------------------------------------------------------
+    def put_template(
+        self, uuid_: str, name: str, spec: dict[str, Any], *, project_id: str | None, system: bool = False
+    ) -> None:
+        """Add a template; a system template with that uuid is replaced (shipped recipes follow upgrades)."""
+        at = now_ms()
+        try:
+            with self.session() as s:
+                row = s.get(ModelServiceTemplate, uuid_)
+                if row is not None and row.system and system:
+                    if row.spec != spec or row.name != name:
+                        row.name, row.spec, row.last_op_date = name, spec, at
+                    return
+                s.add(
+                    ModelServiceTemplate(
+                        uuid=uuid_,
+                        name=name,
+                        project_id=project_id,
+                        system=system,
+                        spec=spec,
+                        create_date=at,
+                        last_op_date=at,
+                    )
+                )
+        except IntegrityError as e:
+            raise Conflict(f"a model-service template named {name!r} already exists") from e
+
+    def get_template(self, key: str) -> ModelServiceTemplate:
+        """A template by uuid, or else by name."""
+        with self.session() as s:
+            row = s.get(ModelServiceTemplate, key) or s.scalar(
+                select(ModelServiceTemplate).where(ModelServiceTemplate.name == key)
+            )
+            if row is None:
+                raise NotFound(f"model-service template {key} not found")
+            return row
+
+    def list_templates(self, project_id: str | None = None) -> list[ModelServiceTemplate]:
+        """System templates and the project's own (every template when ``project_id`` is None), oldest first."""
+        query = select(ModelServiceTemplate).order_by(ModelServiceTemplate.create_date, ModelServiceTemplate.name)
+        if project_id is not None:
+            query = query.where(
+                (ModelServiceTemplate.system.is_(True)) | (ModelServiceTemplate.project_id == project_id)
+            )
+        with self.session() as s:
+            return list(s.scalars(query))
+
+    def template_users(self, uuid_: str) -> dict[str, str]:
+        """``{model_id: "name version"}`` of the models made from a template."""
+        with self.session() as s:
+            rows = s.scalars(select(Model).where(Model.template_uuid == uuid_))
+            return {m.model_id: f"{m.model_name} {m.model_version}" for m in rows}
+
+    def delete_template(self, project_id: str, uuid_: str) -> None:
+        """Delete one of the project's templates; refused while a model was made from it."""
+        with self.session() as s:
+            row = s.get(ModelServiceTemplate, uuid_)
+            if row is None or (not row.system and row.project_id != project_id):
+                raise NotFound(f"model-service template {uuid_} not found")
+            if row.system:
+                raise InUse(f"model-service template {row.name} ships with Enginehouse and cannot be deleted")
+            users = [
+                f"{m.model_name} {m.model_version}"
+                for m in s.scalars(select(Model).where(Model.template_uuid == uuid_))
+            ]
+            if users:
+                raise InUse(
+                    f"model-service template {row.name} is used by model(s) {', '.join(users)}; delete them first"
+                )
             s.delete(row)
 
     # services -------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Model(Base):
     custom: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     engine_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     create_at: Mapped[int] = mapped_column(BigInteger)
+    template_uuid: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
 
 
 class Service(Base):
@@ -115,3 +116,21 @@ class AsyncRequest(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ModelServiceTemplate(Base):
+    """A ZStack model-service template: a reusable recipe for serving a framework with a custom engine.
+
+    ``project_id`` is None for the system templates that ship with Enginehouse; command fields are JSON
+    argument lists (never shell strings).
+    """
+
+    __tablename__ = "model_service_templates"
+
+    uuid: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    system: Mapped[bool] = mapped_column(default=False)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # every other field, camelCase as ZStack names it
+    create_date: Mapped[int] = mapped_column(BigInteger)
+    last_op_date: Mapped[int] = mapped_column(BigInteger)

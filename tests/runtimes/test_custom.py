@@ -82,8 +82,8 @@ async def test_echo_forward_stream_health_unload() -> None:
         assert base64.b64decode(echo["body_base64"]) == blob and echo["body_text"] is None
         assert echo["headers"]["content-type"] == "application/x-bin"
 
-        status, headers, chunks = await adapter.forward_stream("GET", "/stream", {}, b"")
-        assert status == 200 and headers["content-type"] == "text/plain"
+        status, headers, chunks, length = await adapter.forward_stream("GET", "/stream", {}, b"")
+        assert status == 200 and headers["content-type"] == "text/plain" and length is None
         parts = [c async for c in chunks]
         assert b"".join(parts) == b"".join(f"line {i}\n".encode() for i in range(5))
 

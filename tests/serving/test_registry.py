@@ -199,7 +199,7 @@ def test_migration_idempotent_keeps_data(tmp_path: Path) -> None:
         )
     r.close()
     r2 = open_registry(None, home)
-    assert current_revision(r2.engine) == head_revision() == "0003"
+    assert current_revision(r2.engine) == head_revision() == "0004"
     kept = r2.get_model(P, mid)
     assert (kept.model_name, kept.model_size, kept.description, kept.engine_config) == ("keep", 7, "kept", None)
     with r2.session() as s:

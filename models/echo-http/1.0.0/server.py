@@ -77,6 +77,7 @@ class Handler(BaseHTTPRequestHandler):
                 "body_text": text,
                 "label": LABEL,
                 "model_dir": os.environ.get("ENGINEHOUSE_MODEL_DIR", ""),
+                "pid": os.getpid(),
             },
         )
 
