@@ -73,3 +73,44 @@ def test_up_refuses_a_public_bind_without_tokens(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0 and "refusing to listen on 0.0.0.0" in proc.stderr
     assert not list(tmp_path.glob("ray*")), "refused before Ray started"
+
+
+def test_template_create_list_show_delete(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "ENGINEHOUSE_HOME": str(tmp_path / "home")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "serving.cli", "template", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    spec = tmp_path / "t.yaml"
+    spec.write_text(
+        "name: greeter\nstartCommand: python server.py --port {port}\n"
+        "yaml: |\n  parameters:\n    GREETING: {type: string, default: hi}\n"
+    )
+    made = cli("create", "--file", str(spec))
+    assert made.returncode == 0, made.stderr
+    uuid = made.stdout.strip()
+    listed = cli("list").stdout.splitlines()
+    assert [line.split()[1] for line in listed] == [
+        "python-http-server",
+        "fastapi-app",
+        "container-http-server",
+        "greeter",
+    ]
+    shown = json.loads(cli("show", "greeter").stdout)
+    assert shown["uuid"] == uuid and shown["startCommand"] == "python server.py --port '{port}'"
+    assert cli("create", "--file", str(spec)).returncode == 2  # the name is taken
+    spec.write_text("name: bad\nstartCommand: []\n")
+    refused = cli("create", "--file", str(spec))
+    assert refused.returncode == 2 and "startCommand is empty" in refused.stderr
+    refused = cli("delete", "fastapi-app")
+    assert refused.returncode == 2 and "not found" in refused.stderr  # by uuid only, and system ones stay
+    assert cli("delete", uuid).returncode == 0
+    assert "greeter" not in cli("list").stdout
