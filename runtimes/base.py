@@ -71,6 +71,14 @@ class ModelConfig(BaseModel):
     runtime: str | None = Field(default=None, description="A runtime name from the catalogue.")
     model_file: str | None = Field(default=None, description="File or folder, relative to the version dir.")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="Largest batch the engine is given.")
+    # Pipelines: pre/post-processing around the engine (runtimes/text.py), None for the bare engine
+    pipeline: Literal["text-embedding"] | None = Field(
+        default=None, description="Wrap the engine: 'text-embedding' takes BYTES text, returns FP32 embeddings."
+    )
+    tokenizer: str | None = Field(
+        default=None, description="Tokenizer file (tokenizers JSON), relative to the version dir; tokenizer.json."
+    )
+    max_seq_length: int = Field(default=256, ge=1, le=8192, description="Tokens per text; longer is truncated.")
     # Custom engines only
     start_command: list[str] | None = Field(default=None, description="Argument list of the user's server.")
     image: str | None = Field(default=None, description="Container image of the user's server.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,27 @@ def adapter_class(engine: str) -> type[ModelAdapter]:
     return cls
 
 
+#: pipelines wrapping an engine's adapter (config.json ``pipeline``): adapter import string and the extra
+PIPELINES: dict[str, tuple[str, str]] = {"text-embedding": ("runtimes.text:TextEmbeddingAdapter", "text")}
+
+
+def pipeline_class(pipeline: str, engine: str) -> Callable[[ModelAdapter], ModelAdapter]:
+    """The adapter class of a pipeline, importing its module (and so its packages) only now."""
+    try:
+        target, extra = PIPELINES[pipeline]
+    except KeyError:
+        raise EngineUnavailableError(
+            engine, "all", f"unknown pipeline {pipeline!r}; known: {', '.join(PIPELINES)}"
+        ) from None
+    module_name, cls_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EngineUnavailableError(engine, extra, f"the {pipeline} pipeline needs {exc.name or exc}") from exc
+    cls: Callable[[ModelAdapter], ModelAdapter] = getattr(module, cls_name)
+    return cls
+
+
 def make_adapter(
     model_dir: str | Path,
     name: str | None = None,
@@ -65,7 +87,10 @@ def make_adapter(
 ) -> ModelAdapter:
     """Build (not load) the adapter for a model version folder; ``config`` defaults to its ``config.json``."""
     config = config or read_model_config(model_dir)
-    return adapter_class(config.engine)(model_dir, config, name=name, placement=placement)
+    adapter = adapter_class(config.engine)(model_dir, config, name=name, placement=placement)
+    if config.pipeline is not None:
+        adapter = pipeline_class(config.pipeline, config.engine)(adapter)
+    return adapter
 
 
 async def load_model(
