@@ -55,6 +55,8 @@ class Placement:
     cpu_threads: int = 1
     gpu_ids: tuple[int, ...] = ()
     npu_ids: tuple[int, ...] = ()
+    cpus: float | None = None  # the exact CPU share reserved (None: cpu_threads); a container's --cpus
+    memory_mb: int | None = None  # the memory reserved, MB; a container's --memory
 
     @property
     def uses_gpu(self) -> bool:

@@ -180,8 +180,10 @@ class CustomAdapter(ModelAdapter):
             f"127.0.0.1:{self.port}:{self.port}",
             "-v",
             f"{self.model_dir.resolve()}:/model:ro",
-            f"--cpus={self.placement.cpu_threads}",
+            f"--cpus={self.placement.cpus or self.placement.cpu_threads:g}",
         ]
+        if self.placement.memory_mb:
+            argv.append(f"--memory={self.placement.memory_mb}m")
         if self.placement.gpu_ids:
             argv.append("--gpus=device=" + ",".join(map(str, self.placement.gpu_ids)))
         env = {**self.config.env, "ENGINEHOUSE_PORT": str(self.port), "ENGINEHOUSE_MODEL_DIR": "/model"}

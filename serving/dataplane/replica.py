@@ -51,13 +51,19 @@ _OIP_MODEL = re.compile(
 )
 
 
-def _placement(num_cpus: float) -> Placement:
-    """The engine's device and thread budget from what Ray gave this replica."""
+def _placement(num_cpus: float, memory_mb: int | None = None) -> Placement:
+    """The engine's device, thread budget and limits from what Ray gave this replica."""
     import ray
 
     gpu_ids = tuple(int(g) for g in ray.get_gpu_ids()) if ray.is_initialized() else ()
     # Ray sets CUDA_VISIBLE_DEVICES for the replica, so its first visible GPU is always cuda:0.
-    return Placement(device="cuda:0" if gpu_ids else "cpu", cpu_threads=max(1, round(num_cpus)), gpu_ids=gpu_ids)
+    return Placement(
+        device="cuda:0" if gpu_ids else "cpu",
+        cpu_threads=max(1, round(num_cpus)),
+        gpu_ids=gpu_ids,
+        cpus=num_cpus,
+        memory_mb=memory_mb,
+    )
 
 
 #: the OIP v2 server metadata (``GET /v2``)
@@ -214,12 +220,13 @@ class ServiceReplica:
         num_cpus: float = 1.0,
         service_name: str | None = None,
         async_queue: dict[str, Any] | None = None,
+        memory_mb: int | None = None,
     ) -> None:
         self.service = service
         self.name = service_name or service
         self.adapters: dict[str, ModelAdapter] = {}
         self.batchers: dict[str, VersionBatcher] = {}
-        placement = _placement(num_cpus)
+        placement = _placement(num_cpus, memory_mb)
         for v in versions:
             # a registered model carries its engine config; a bare folder has it in config.json
             config = ModelConfig.model_validate(v["config"]) if v.get("config") else None
@@ -548,7 +555,15 @@ def build_app(
         max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", str(max(64, 2 * biggest_batch)))),
         ray_actor_options=actor_options,
     )(ServiceReplica)
-    return deployment.bind(service, versions, float(actor_options.get("num_cpus", 1.0)), service_name, async_queue)
+    memory = actor_options.get("memory")
+    return deployment.bind(
+        service,
+        versions,
+        float(actor_options.get("num_cpus", 1.0)),
+        service_name,
+        async_queue,
+        int(memory) // (1024 * 1024) if memory else None,
+    )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

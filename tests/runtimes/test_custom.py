@@ -205,3 +205,71 @@ async def test_image_without_container_engine(tmp_path: Path) -> None:
     d = _model(tmp_path, {"image": "example/echo:1"})
     with pytest.raises(ModelLoadError, match="no container engine"):
         await load_model(d)
+
+
+FAKE_DOCKER = '''#!{python}
+"""The docker CLI at the outermost boundary: records its arguments, runs the container's command locally."""
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
+    log.write(json.dumps(args) + "\\n")
+if args[0] != "run":
+    sys.exit(0)  # info, rm
+i, env, mounts, entry = 1, {{}}, {{}}, None
+while args[i].startswith("-"):
+    a = args[i]
+    if a == "--rm":
+        i += 1
+    elif a in ("--name", "-p"):
+        i += 2
+    elif a == "-v":
+        src, dst, _ = args[i + 1].split(":")
+        mounts[dst] = src
+        i += 2
+    elif a == "-e":
+        k, v = args[i + 1].split("=", 1)
+        env[k] = v
+        i += 2
+    elif a == "--entrypoint":
+        entry = args[i + 1]
+        i += 2
+    else:
+        i += 1  # --cpus=..., --memory=..., --gpus=...
+argv = ([entry] if entry else []) + args[i + 1:]
+argv = [sys.executable if a == "python" else a.replace("/model", mounts["/model"]) for a in argv]
+os.execve(argv[0], argv, {{**os.environ, **env}})
+'''
+
+
+async def test_container_gets_the_specification_limits_and_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runtimes.base import Placement
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    docker = bin_dir / "docker"
+    docker.write_text(FAKE_DOCKER.format(python=sys.executable))
+    docker.chmod(0o755)
+    log = tmp_path / "docker.log"
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DOCKER_LOG", str(log))
+    d = _model(
+        tmp_path,
+        {"image": "python:3.11-slim", "container_command": ["python", "/model/server.py", "--port", "{port}"]},
+    )
+    shutil.copy(ECHO / "server.py", d / "server.py")
+    adapter = await load_model(d, placement=Placement(cpu_threads=1, cpus=0.5, memory_mb=256))
+    try:
+        status, _, body = await adapter.forward("POST", "/x", {}, b"hi")  # type: ignore[attr-defined]
+        echo = json.loads(body)
+        assert status == 200 and echo["model_dir"] == "/model" and echo["body_text"] == "hi"
+    finally:
+        await adapter.unload()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    run = next(c for c in calls if c[0] == "run")
+    assert "--cpus=0.5" in run and "--memory=256m" in run
+    assert run[run.index("-p") + 1].startswith("127.0.0.1:")  # published on loopback only
+    assert f"{d.resolve()}:/model:ro" in run
+    name = run[run.index("--name") + 1]
+    assert ["rm", "-f", name] in calls  # removed by name on unload, even if the client was killed
