@@ -28,6 +28,7 @@ from serving.controlplane.errors import (
 )
 from serving.controlplane.schemas import ModelCreate, ServiceConfigEntry, ServiceCreate, ServiceUpdate
 from serving.dataplane.asyncq import AsyncQueue
+from serving.dataplane.deploy import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S
 from serving.registry import NotFound, Registry
 from serving.registry.db import now_ms
 from serving.registry.schema import Model, ModelServiceTemplate, Service
@@ -349,6 +350,8 @@ class Manager:
                     "envs": e["envs"],
                     "max_batch_size": e["max_batch_size"],
                     "batch_timeout_ms": e["batch_timeout_ms"],
+                    "max_queue_size": e.get("max_queue_size", DEFAULT_MAX_QUEUE),
+                    "request_timeout_s": e.get("request_timeout_s", DEFAULT_TIMEOUT_S),
                     "status": "running" if up else "notReady",
                     "support_debug": False,
                     "additional_properties": {},

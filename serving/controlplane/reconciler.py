@@ -116,6 +116,8 @@ def plan(
                 "weight": e["weight"],
                 "max_batch_size": e.get("max_batch_size", 32),
                 "batch_timeout_ms": e.get("batch_timeout_ms", 0.0),
+                "max_queue_size": e.get("max_queue_size", deploy.DEFAULT_MAX_QUEUE),
+                "request_timeout_s": e.get("request_timeout_s", deploy.DEFAULT_TIMEOUT_S),
             }
         )
         envs.update(e.get("envs") or {})

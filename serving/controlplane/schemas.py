@@ -115,6 +115,12 @@ class ServiceConfigEntry(Strict):
     scaling: bool = Field(default=False, description="Ray Serve autoscaling between instance_count and 4x it.")
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     batch_timeout_ms: float = Field(default=0, ge=0, le=10_000)
+    max_queue_size: int = Field(
+        default=256, ge=1, le=100_000, description="Requests one replica holds (running + waiting); past it 503."
+    )
+    request_timeout_s: float = Field(
+        default=30, gt=0, le=3600, description="Seconds a request may take; past it 504 and its engine slot is freed."
+    )
 
     @field_validator("envs")
     @classmethod

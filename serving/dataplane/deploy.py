@@ -18,6 +18,9 @@ from typing import Any
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+#: overload defaults of a service's replicas (per config entry: ``max_queue_size``, ``request_timeout_s``)
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_TIMEOUT_S = 30.0
 BUILDER = "serving.dataplane.replica:app_builder"
 _lock = threading.Lock()
 _apps: dict[str, dict[str, Any]] = {}

@@ -36,6 +36,7 @@ from serving.dataplane.asyncq import AsyncQueue, Claimed, open_queue
 from serving.dataplane.binary import decode_binary, encode_binary, wants_binary_output
 from serving.dataplane.codec import decode_request, encode_response
 from serving.dataplane.counters import Tally
+from serving.dataplane.deploy import DEFAULT_MAX_QUEUE, DEFAULT_TIMEOUT_S
 from serving.tokens import check_token
 
 JSON = "application/json"
@@ -106,6 +107,24 @@ class UnknownRoute(EnginehouseError):
 class BodyTooLarge(EnginehouseError):
     status_code = 413
     error_code = "EH.0203"
+
+
+class Overloaded(EnginehouseError):
+    """The replica already holds ``max_queue_size`` requests; the client should retry later."""
+
+    status_code = 503
+    error_code = "EH.0204"
+
+
+class TimedOut(EnginehouseError):
+    """No answer within ``request_timeout_s``; the request was cancelled and its engine slot freed."""
+
+    status_code = 504
+    error_code = "EH.0205"
+
+
+#: seconds a 503 asks the client to wait before retrying
+RETRY_AFTER_S = 1
 
 
 def _shape_key(inputs: dict[str, np.ndarray]) -> tuple[Any, ...] | None:
@@ -242,6 +261,10 @@ class ServiceReplica:
                     observe=functools.partial(self._observe, v["version"]),
                 )
         self._auth: dict[str, Any] | None = None
+        # overload: at most max_queue_size requests held (running or waiting), each for request_timeout_s
+        self.max_queue = max(int(v.get("max_queue_size", DEFAULT_MAX_QUEUE)) for v in versions)
+        self.timeout_s = max(float(v.get("request_timeout_s", DEFAULT_TIMEOUT_S)) for v in versions)
+        self.held = 0
         self._names: list[str] = list(self.adapters)
         self._weights: list[int] = [int(v.get("weight", 100)) for v in versions]
         self.tally = Tally(service)
@@ -279,6 +302,45 @@ class ServiceReplica:
         root = request.scope.get("root_path", "")
         path = request.url.path
         sub = (path[len(root) :] if root and path.startswith(root) else path) or "/"
+        if not self._bounded(request.method, sub):
+            return await self._serve(request, sub)
+        if self.held >= self.max_queue:
+            return http_response(self._overloaded())
+        self.held += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._serve(request, sub)
+        except TimeoutError:
+            return http_response(self._timed_out())
+        except asyncio.CancelledError:
+            # Serve cancels a request whose client went away: it leaves the batch queue, counted as failed
+            self.tally.add("", True)
+            raise
+        finally:
+            self.held -= 1
+
+    def _bounded(self, method: str, sub: str) -> bool:
+        """Inference holds the engine and is bounded; probes, metadata and async intake are not."""
+        if self.custom:
+            return not sub.startswith("/v2/health/")
+        return method == "POST" and not (sub == "/async" or sub.startswith("/async/"))
+
+    def _overloaded(self) -> Reply:
+        self.tally.add("", True)
+        exc = Overloaded(
+            f"service {self.name} is over capacity: this replica holds {self.held} requests "
+            f"(max_queue_size {self.max_queue}); retry after {RETRY_AFTER_S} s"
+        )
+        status, headers, body = error_reply(exc)
+        return status, {**headers, "Retry-After": str(RETRY_AFTER_S)}, body
+
+    def _timed_out(self) -> Reply:
+        self.tally.add("", True)
+        return error_reply(
+            TimedOut(f"service {self.name} did not answer within request_timeout_s {self.timeout_s:g} s; cancelled")
+        )
+
+    async def _serve(self, request: Request, sub: str) -> Response:
         try:
             body = await self._body(request) if request.method in ("POST", "PUT", "PATCH") else b""
         except EnginehouseError as exc:
@@ -287,7 +349,7 @@ class ServiceReplica:
         if self.custom:  # straight through, so a streamed answer streams
             denied = self._denied(sub, request.headers)
             return http_response(denied) if denied else await self._stream(request, sub, body)
-        return http_response(await self.handle(request.method, sub, request.headers, body, request.url.query))
+        return http_response(await self._handle(request.method, sub, request.headers, body, request.url.query))
 
     def _denied(self, sub: str, headers: Mapping[str, str]) -> Reply | None:
         """The 401/403 answer when auth is on and the token does not open this service; None when it does."""
@@ -301,7 +363,25 @@ class ServiceReplica:
         return None
 
     async def handle(self, method: str, sub: str, headers: Mapping[str, str], body: bytes, query: str = "") -> Reply:
-        """One request, transport-free: the HTTP ingress and the ``/v2`` gateway's handle both land here."""
+        """One request from the ``/v2`` gateway's handle, under the same bounds as the HTTP ingress."""
+        if not self._bounded(method, sub):
+            return await self._handle(method, sub, headers, body, query)
+        if self.held >= self.max_queue:
+            return self._overloaded()
+        self.held += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self._handle(method, sub, headers, body, query)
+        except TimeoutError:
+            return self._timed_out()
+        except asyncio.CancelledError:
+            self.tally.add("", True)
+            raise
+        finally:
+            self.held -= 1
+
+    async def _handle(self, method: str, sub: str, headers: Mapping[str, str], body: bytes, query: str = "") -> Reply:
+        """One request, transport-free: the HTTP ingress and the ``/v2`` gateway both land here."""
         denied = self._denied(sub, headers)
         if denied:
             return denied
@@ -548,11 +628,12 @@ def build_app(
     Replica counts, autoscaling and weights come from the config's ``deployments`` entry (see
     ``serving.dataplane.deploy.service_app``), so they change without a new code version.
     """
-    biggest_batch = max((int(v.get("max_batch_size", 32)) for v in versions), default=32)
+    held = max((int(v.get("max_queue_size", DEFAULT_MAX_QUEUE)) for v in versions), default=DEFAULT_MAX_QUEUE)
     deployment = serve.deployment(
         name="replica",
-        # batching needs many requests in flight per replica; Ray's default of 5 would cap throughput
-        max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", str(max(64, 2 * biggest_batch)))),
+        # every request the replica may hold reaches it (batching needs many in flight), plus a margin that
+        # it answers 503 at once instead of letting them wait, unbounded, in front of it
+        max_ongoing_requests=int(os.environ.get("ENGINEHOUSE_MAX_ONGOING", str(held + 16))),
         ray_actor_options=actor_options,
     )(ServiceReplica)
     memory = actor_options.get("memory")

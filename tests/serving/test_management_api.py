@@ -260,6 +260,8 @@ ELSEWHERE = {
     "EH.0201": "tests/serving/test_replica.py::test_instances_and_pinned_version",
     "EH.0202": "tests/serving/test_dataplane.py::test_body_over_the_limit_is_413_and_unknown_paths_404",
     "EH.0203": "tests/serving/test_dataplane.py::test_body_over_the_limit_is_413_and_unknown_paths_404",
+    "EH.0204": "tests/serving/test_overload.py::test_past_the_queue_bound_requests_get_503_with_retry_after_at_once",
+    "EH.0205": "tests/serving/test_overload.py::test_a_request_past_its_timeout_gets_504_and_never_reaches_the_engine",
     "EH.0301": "tests/serving/test_controlplane.py::test_models_publish_with_signature_size_and_list",
     "EH.0303": "tests/serving/test_controlplane.py::test_three_engine_service_runs_splits_and_answers",
     "EH.0506": "tests/serving/test_controlplane.py::test_a_model_that_does_not_load_fails_with_the_engine_reason",
