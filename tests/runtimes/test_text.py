@@ -23,7 +23,8 @@ pytest.importorskip("tokenizers", reason="the text-embedding pipeline needs the 
 st = pytest.importorskip("sentence_transformers", reason="the reference encoder comes with the 'text' extra")
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-MODELS = ["minilm-onnx", "minilm-torchscript"]
+#: the version folder of each export: ONNX 1.0.0, TorchScript 2.0.0
+MODELS = ["1.0.0", "2.0.0"]
 DIM = 384
 LONG = " ".join(f"Sentence number {i} of a long document about inference servers." for i in range(60))
 SENTENCES = [
@@ -65,7 +66,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("minilm")
     built = build_minilm(root)
-    assert sorted(p.parent.name for p in built) == MODELS
+    assert sorted(p.name for p in built) == MODELS and {p.parent.name for p in built} == {"minilm"}
     return root
 
 
@@ -81,7 +82,7 @@ def reference() -> np.ndarray:
 @pytest_asyncio.fixture(scope="module", loop_scope="session", params=MODELS)
 async def adapter(request: pytest.FixtureRequest, repo: Path):
     """Each export, loaded once through the registry as a replica would."""
-    loaded = await load_model(repo / request.param / "1.0.0", name=request.param)
+    loaded = await load_model(repo / "minilm" / request.param, name=request.param)
     yield loaded
     await loaded.unload()
 
@@ -91,14 +92,14 @@ async def test_build_is_idempotent_and_configs_name_the_pipeline(repo: Path) -> 
 
     assert build_minilm(repo) == []  # everything present: nothing rebuilt
     for name, engine, model_file in (
-        ("minilm-onnx", "ONNX", "model.onnx"),
-        ("minilm-torchscript", "PyTorch", "model.pt"),
+        ("1.0.0", "ONNX", "model.onnx"),
+        ("2.0.0", "PyTorch", "model.pt"),
     ):
-        version_dir = repo / name / "1.0.0"
+        version_dir = repo / "minilm" / name
         config = read_model_config(version_dir)
         assert (config.engine, config.model_file, config.pipeline) == (engine, model_file, "text-embedding")
         assert config.max_seq_length == 256 and (version_dir / (config.tokenizer or "")).is_file()
-    assert json.loads((repo / "minilm-torchscript/1.0.0/signature.json").read_text())["outputs"][0]["shape"] == [
+    assert json.loads((repo / "minilm/2.0.0/signature.json").read_text())["outputs"][0]["shape"] == [
         -1,
         -1,
         DIM,
@@ -108,7 +109,7 @@ async def test_build_is_idempotent_and_configs_name_the_pipeline(repo: Path) -> 
 async def test_signature_is_text_in_embedding_out(adapter) -> None:
     assert adapter.signature.inputs == (TensorSpec("text", "BYTES", (-1,)),)
     assert adapter.signature.outputs == (TensorSpec("embedding", "FP32", (-1, DIM)),)
-    assert adapter.engine == {"minilm-onnx": "ONNX", "minilm-torchscript": "PyTorch"}[adapter.name]
+    assert adapter.engine == {"1.0.0": "ONNX", "2.0.0": "PyTorch"}[adapter.name]
     # the encoder underneath: dynamic batch and sequence length
     assert [(t.name, t.datatype, t.shape) for t in adapter.inner.signature.inputs] == [
         (n, "INT64", (-1, -1)) for n in ("input_ids", "attention_mask", "token_type_ids")
@@ -171,7 +172,7 @@ async def test_bad_input_is_invalid_input_error(adapter, value: np.ndarray, need
 
 
 async def test_missing_tokenizer_is_load_error(repo: Path, tmp_path: Path) -> None:
-    src = repo / "minilm-onnx" / "1.0.0"
+    src = repo / "minilm" / "1.0.0"
     shutil.copyfile(src / "config.json", tmp_path / "config.json")
     (tmp_path / "model.onnx").symlink_to(src / "model.onnx")
     with pytest.raises(ModelLoadError, match="tokenizer"):
