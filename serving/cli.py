@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", dest="num_cpus", type=int, help="CPUs for the embedded Ray")
     p.set_defaults(func=_cmd_up)
 
+    from serving.batch.cli import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
+
     p = sub.add_parser("token", help="manage the API tokens (each belongs to one project)")
     token_sub = p.add_subparsers(dest="token_command", required=True)
     t = token_sub.add_parser("create", help="create a token for a project and print it once")

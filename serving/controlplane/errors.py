@@ -52,10 +52,3 @@ class InvalidTransition(EnginehouseError):
 
     status_code = 409
     error_code = "EH.0507"
-
-
-class NotSupported(EnginehouseError):
-    """A valid request this version cannot serve yet; nothing was created."""
-
-    status_code = 400
-    error_code = "EH.0508"

@@ -17,12 +17,12 @@ from typing import Any
 from runtimes.base import CONFIG_FILE, ModelConfig, read_model_config
 from runtimes.catalogue import build_catalogue
 from runtimes.registry import adapter_class
+from serving.controlplane import batch as batch_services
 from serving.controlplane import cluster, templates
 from serving.controlplane.errors import (
     InvalidRequest,
     InvalidTransition,
     ModelNotDeployable,
-    NotSupported,
     PathNotAllowed,
     UnknownRuntime,
 )
@@ -260,9 +260,18 @@ class Manager:
 
     def create_service(self, project: str, body: ServiceCreate) -> str:
         """Store a real-time service as ``deploying``; the reconciler deploys it."""
-        if body.infer_type == "batch":
-            raise NotSupported("infer_type batch is not served by this version yet; nothing was created")
         entries = self._entries(project, body.infer_type, body.config)
+        batch_fields = (body.src_path, body.dest_path, body.mapping_type, body.mapping_rule)
+        batch = None
+        if body.infer_type == "batch":
+            if body.schedule:
+                raise InvalidRequest("schedule: a batch service ends by itself (finished); auto-stop is real-time")
+            model = self.registry.get_model(project, entries[0]["model_id"])
+            batch = batch_services.check_request(
+                "new", *batch_fields, config=entries, model=model, roots=self.roots
+            )
+        elif any(f is not None for f in batch_fields):
+            raise InvalidRequest("src_path/dest_path/mapping_type/mapping_rule are only read with infer_type batch")
         service_id = self.registry.add_service(
             project,
             service_name=body.service_name,
@@ -270,6 +279,7 @@ class Manager:
             infer_type=body.infer_type,
             config=entries,
             schedule=[s.model_dump() for s in body.schedule] if body.schedule else None,
+            batch=batch,
         )
         self.registry.add_event(service_id, "deploying", "service created")
         log.info("service %s created in %s as %s", body.service_name, project, service_id)
@@ -286,6 +296,8 @@ class Manager:
         reasons = []
         if body.description is not None:
             fields["description"] = body.description
+        if body.config is not None and row.infer_type == "batch":
+            raise InvalidRequest("config: a batch service's model and resources are fixed; create a new batch service")
         if body.config is not None:
             fields["config"] = self._entries(project, row.infer_type, body.config)
             weights = ", ".join(f"{e['model_version']}={e['weight']}" for e in fields["config"])
@@ -365,11 +377,13 @@ class Manager:
             "is_free": False,
             "additional_properties": {},
         }
+        if row.infer_type == "batch":
+            batch_services.view(row, out)
         if row.infer_type == "real-time":
             out["access_address"] = f"{self.data_address}/v1/infers/{row.service_id}"
             if self.queue is not None:
                 out["async_queue"] = self.queue.depth(row.service_id)
-        if row.status == "deploying":
+        if row.status == "deploying" and row.infer_type == "real-time":
             out["progress"] = row.progress
         if row.status in ("failed", "waiting", "concerning") and row.error_msg:
             out["error_msg"] = row.error_msg

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.controlplane import cluster
+from serving.controlplane.batch import BatchDriver
 from serving.controlplane.schemas import Schedule
 from serving.dataplane import deploy, gateway
 from serving.registry import NotFound, Registry
@@ -98,11 +99,7 @@ def plan(
     versions: list[dict[str, Any]] = []
     envs: dict[str, str] = {}
     for e in row.config:
-        res = (
-            cluster.flavour_resources(e["specification"], nodes)
-            if e["specification"] != "custom"
-            else _custom_resources(e["custom_spec"], nodes)
-        )
+        res = resources_of(e, nodes)
         cpu, gpu, memory = max(cpu, res["cpu"]), max(gpu, res["gpu"]), memory + int(res.get("memory") or 0)
         for k, v in (res.get("npu") or {}).items():
             npu[k] = max(npu.get(k, 0.0), float(v))
@@ -141,6 +138,13 @@ def plan(
     return ReplicaPlan(app=app, demand=demand, replicas=replicas, autoscaling=scaling)
 
 
+def resources_of(entry: dict[str, Any], nodes: list[cluster.NodeInfo]) -> dict[str, Any]:
+    """One config entry's resources per replica: ``cpu``, ``gpu``, ``memory`` (MB or None), ``npu`` keys."""
+    if entry["specification"] != "custom":
+        return cluster.flavour_resources(entry["specification"], nodes)
+    return _custom_resources(entry["custom_spec"], nodes)
+
+
 def _custom_resources(spec: dict[str, Any], nodes: list[cluster.NodeInfo]) -> dict[str, Any]:
     npu: dict[str, float] = {}
     if spec.get("ascend_a310"):
@@ -174,6 +178,7 @@ class Reconciler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._since: dict[str, float] = {}  # service -> when its current deploy attempt was first seen pending
         self._tokens: dict[str, str] = {}  # this tick's tokens
+        self._batches = BatchDriver(self._set, registry)
 
     def wake(self) -> None:
         """Run the next tick now (thread-safe)."""
@@ -204,7 +209,13 @@ class Reconciler:
         models = self.registry.models_by_id({e["model_id"] for row in rows for e in row.config})
         desired: dict[str, dict[str, Any]] = {}
         for row in rows:
-            if row.infer_type != "real-time":
+            if row.infer_type == "batch":
+                try:
+                    self._batches.step(row, models, nodes)
+                except NotFound:
+                    pass  # deleted under us
+                except Exception:  # one batch service's trouble must not stop the others' reconciling
+                    log.exception("batch service %s: reconcile step failed; retrying", row.service_id)
                 continue
             try:
                 self._service(row, apps.get(row.service_id), nodes, models, desired)
