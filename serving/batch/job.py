@@ -230,35 +230,12 @@ def _check_resources(spec: BatchSpec) -> None:
             )
 
 
-@ray.remote(num_cpus=0, max_calls=1)
-def _probe(model_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Load the model once, in a throw-away worker, for its signature (or the engine's reason it does not load)."""
-    import asyncio
-
-    from runtimes.registry import load_model
-
-    async def run() -> dict[str, Any]:
-        adapter = await load_model(model_dir, config=ModelConfig.model_validate(config))
-        try:
-            assert adapter.signature is not None
-            return {"signature": adapter.signature.as_dict()}
-        finally:
-            await adapter.unload()
-
-    try:
-        return asyncio.run(run())
-    except Exception as exc:  # sent back as text: our errors' constructors do not survive unpickling
-        return {"error": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"}
-
-
 def _start_probe(spec: BatchSpec, config: ModelConfig) -> ray.ObjectRef:
-    """The probe, started now (it overlaps the listing); on this node, where the model's files are."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """Load the model once, in a throw-away worker on this node, for its signature (or the engine's reason it
+    does not load): the control plane's model validation, started now so it overlaps the listing."""
+    from serving.controlplane.probe import start
 
-    here = ray.get_runtime_context().get_node_id()
-    return _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)).remote(
-        spec.model_dir, config.model_dump(exclude_none=True)
-    )
+    return start(spec.model_dir, config.model_dump(exclude_none=True))
 
 
 def _signature(spec: BatchSpec, probe: ray.ObjectRef) -> Signature:

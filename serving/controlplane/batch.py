@@ -34,22 +34,6 @@ def runner_name(service_id: str) -> str:
     return f"enginehouse-batch-{service_id}"
 
 
-def _under_roots(location: str, field: str, roots: list[Path], must_exist: bool) -> Path:
-    raw = Path(location).expanduser()
-    if not raw.is_absolute():
-        raise PathNotAllowed(f"{field} {location!r} must be an absolute path")
-    try:
-        real = raw.resolve(strict=must_exist)
-    except (OSError, RuntimeError):
-        raise PathNotAllowed(f"{field} {location!r} does not exist or cannot be read") from None
-    if not any(real.is_relative_to(root) for root in roots):
-        raise PathNotAllowed(
-            f"{field} {location!r} resolves to {real}, outside the allowed roots "
-            f"({', '.join(map(str, roots))}); set ENGINEHOUSE_ALLOWED_ROOTS to allow another folder"
-        )
-    return real
-
-
 def check_request(
     service_id_hint: str,
     src_path: str | None,
@@ -72,8 +56,10 @@ def check_request(
     mapping = mapping_type or "file"
     if mapping_rule is not None and mapping != "csv":
         raise InvalidRequest("mapping_rule: only read with mapping_type csv")
-    src = _under_roots(src_path, "src_path", roots, must_exist=True)
-    dest = _under_roots(dest_path, "dest_path", roots, must_exist=False)
+    from serving.controlplane.manager import resolve_source
+
+    src = resolve_source(src_path, roots, "src_path")
+    dest = resolve_source(dest_path, roots, "dest_path", must_exist=False)
     if model.engine_config is None or model.engine_config["config"].get("engine") == "Custom":
         raise InvalidRequest(
             f"config[0].model_id: model {model.model_name} {model.model_version} runs on the Custom engine; "

@@ -39,18 +39,19 @@ DEFAULT_PROJECT = "default"
 REPLICA_STATUSES_UP = ("running", "concerning")
 
 
-def resolve_source(location: str, roots: list[Path]) -> Path:
-    """The real path of a model source: it must exist and resolve (symlinks followed) inside an allowed root."""
+def resolve_source(location: str, roots: list[Path], field: str = "source_location", must_exist: bool = True) -> Path:
+    """The real path of a model source (or batch folder, ``field``): absolute, existing unless ``must_exist`` is
+    false, and resolving (symlinks followed) inside an allowed root."""
     raw = Path(location).expanduser()
     if not raw.is_absolute():
-        raise PathNotAllowed(f"source_location {location!r} must be an absolute path")
+        raise PathNotAllowed(f"{field} {location!r} must be an absolute path")
     try:
-        real = raw.resolve(strict=True)
+        real = raw.resolve(strict=must_exist)
     except (OSError, RuntimeError):
-        raise PathNotAllowed(f"source_location {location!r} does not exist or cannot be read") from None
+        raise PathNotAllowed(f"{field} {location!r} does not exist or cannot be read") from None
     if not any(real.is_relative_to(root) for root in roots):
         raise PathNotAllowed(
-            f"source_location {location!r} resolves to {real}, outside the allowed roots "
+            f"{field} {location!r} resolves to {real}, outside the allowed roots "
             f"({', '.join(map(str, roots))}); set ENGINEHOUSE_ALLOWED_ROOTS to allow another folder"
         )
     return real
@@ -267,9 +268,7 @@ class Manager:
             if body.schedule:
                 raise InvalidRequest("schedule: a batch service ends by itself (finished); auto-stop is real-time")
             model = self.registry.get_model(project, entries[0]["model_id"])
-            batch = batch_services.check_request(
-                "new", *batch_fields, config=entries, model=model, roots=self.roots
-            )
+            batch = batch_services.check_request("new", *batch_fields, config=entries, model=model, roots=self.roots)
         elif any(f is not None for f in batch_fields):
             raise InvalidRequest("src_path/dest_path/mapping_type/mapping_rule are only read with infer_type batch")
         service_id = self.registry.add_service(

@@ -33,13 +33,17 @@ def _probe(model_dir: str, config: dict[str, Any]) -> dict[str, Any]:
         return {"error": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"}
 
 
-async def probe(model_dir: str, config: dict[str, Any]) -> dict[str, Any]:
-    """``{"signature": ...}`` or ``{"error": the engine's reason}``, loaded on this node (where the files are)."""
+def start(model_dir: str, config: dict[str, Any]) -> ray.ObjectRef:
+    """Start the probe on this node (where the files are); the ref resolves to :func:`probe`'s answer."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = ray.get_runtime_context().get_node_id()
-    ref = _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)).remote(
+    return _probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=True)).remote(
         model_dir, config
     )
-    result: dict[str, Any] = await ref
+
+
+async def probe(model_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+    """``{"signature": ...}`` or ``{"error": the engine's reason}``, loaded on this node (where the files are)."""
+    result: dict[str, Any] = await start(model_dir, config)
     return result
