@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtimes.errors import EnginehouseError
 from serving.controlplane import cluster, templates
 from serving.controlplane.auth import Authenticator
-from serving.controlplane.errors import InvalidRequest
+from serving.controlplane.errors import (
+    Forbidden,
+    InvalidRequest,
+    MethodNotAllowed,
+    NoRoute,
+    RequestTooLarge,
+    Unauthorized,
+)
 from serving.controlplane.manager import Manager
 from serving.controlplane.schemas import (
     InferType,
@@ -28,6 +39,10 @@ from serving.registry import NotFound
 from serving.tokens import presented_token
 
 PAGE = Query(1000, ge=0, le=10_000)
+OFFSET = Query(0, ge=0, le=1_000_000_000)
+#: management bodies are small JSON; the same limit as inference bodies (ENGINEHOUSE_MAX_BODY_MB, MB)
+MAX_BODY = int(float(os.environ.get("ENGINEHOUSE_MAX_BODY_MB", "64")) * 1024 * 1024)
+_PROJECT_PATH = re.compile(r"^/v[12]/([^/]+)/")
 
 
 def _where(loc: tuple[Any, ...]) -> str:
@@ -66,10 +81,89 @@ class JsonBodies:
         await self.app(scope, receive, send)
 
 
+def _json(status: int, body: dict[str, Any]) -> list[dict[str, Any]]:
+    data = json.dumps(body).encode()
+    return [
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        },
+        {"type": "http.response.body", "body": data},
+    ]
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware in front of the management routes: the token is checked before a body is read (a
+    caller without one never makes the control plane parse anything), and bodies over ``MAX_BODY`` are
+    refused with 413, by their Content-Length or as they stream in."""
+
+    def __init__(self, app: Any, auth: Authenticator, limit: int = MAX_BODY) -> None:
+        self.app, self.auth, self.limit = app, auth, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            for message in _json(refusal.status_code, {"error_code": refusal.error_code, "error_msg": refusal.message}):
+                await send(message)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        async def watched(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if started:
+                raise
+            exc = RequestTooLarge(f"the body is over the limit of {self.limit} bytes")
+            for message in _json(413, {"error_code": exc.error_code, "error_msg": exc.message}):
+                await send(message)
+
+    def _refusal(self, scope: Any, headers: dict[bytes, bytes]) -> EnginehouseError | None:
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return RequestTooLarge(f"the body of {int(length)} bytes is over the limit of {self.limit} bytes")
+        match = _PROJECT_PATH.match(scope.get("path", ""))
+        if match is None or not self.auth.enabled:
+            return None  # the routes check the rest (/metrics: any token; /zstack: its own answer shape)
+        presented = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers.items()}
+        try:
+            project = self.auth.project_of(presented_token(presented))
+        except EnginehouseError as exc:  # no token at all
+            return exc
+        if project is None:
+            return Unauthorized("unknown token")
+        if project != match.group(1):
+            return Forbidden(f"this token belongs to project {project}, not {match.group(1)}")
+        return None
+
+
 def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> FastAPI:
     """The management app over one manager; every project route checks the caller's token."""
     app = FastAPI(title="Enginehouse control plane", version="0.1.0", lifespan=lifespan)
     app.add_middleware(JsonBodies)
+    app.add_middleware(Guard, auth=auth)
 
     @app.middleware("http")
     async def _with_request_id(request: Request, call_next: Any) -> Any:
@@ -85,6 +179,20 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
     @app.exception_handler(EnginehouseError)
     async def _enginehouse_error(_: Request, exc: EnginehouseError) -> JSONResponse:
         return JSONResponse({"error_code": exc.error_code, "error_msg": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own answers (no route, wrong method, a body it cannot parse) in our error shape
+        err: EnginehouseError
+        if exc.status_code == 404:
+            err = NoRoute(f"no route {request.method} {request.url.path}")
+        elif exc.status_code == 405:
+            err = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:  # 400: a body Starlette cannot parse (JSON nested too deep, an integer of 4,301 digits)
+            err = InvalidRequest(f"body: {exc.detail}")
+        if request.url.path.startswith("/zstack/"):
+            return _zstack_error(err)
+        return JSONResponse({"error_code": err.error_code, "error_msg": err.message}, status_code=err.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -150,9 +258,7 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
     api.include_router(cluster.router)
 
     @api.get("/v1/{project_id}/models/ai-engine-runtimes")
-    def engine_runtimes(
-        project_id: str, limit: int | None = Query(None, ge=1), offset: int = Query(0, ge=0)
-    ) -> dict[str, Any]:
+    def engine_runtimes(project_id: str, limit: int | None = Query(None, ge=1), offset: int = OFFSET) -> dict[str, Any]:
         from runtimes.catalogue import build_catalogue, paginate
 
         return paginate(build_catalogue(), limit, offset)
@@ -173,7 +279,7 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
         model_type: ModelType | None = None,
         not_model_type: ModelType | None = None,
         workspace_id: str | None = Query(None, max_length=64),
-        offset: int = Query(0, ge=0),
+        offset: int = OFFSET,
         limit: int = PAGE,
         sort_by: str = Query("create_at", pattern="^(create_at|model_version|model_size)$"),
         order: Order = "desc",
@@ -239,7 +345,7 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
         service_name: str | None = Query(None, max_length=128),
         status: ServiceStatus | None = None,
         infer_type: InferType | None = None,
-        offset: int = Query(0, ge=0),
+        offset: int = OFFSET,
         limit: int = PAGE,
         sort_by: str = Query("publish_at", pattern="^(publish_at|service_name|update_time)$"),
         order: Order = "desc",
@@ -270,9 +376,7 @@ def create_app(manager: Manager, auth: Authenticator, lifespan: Any = None) -> F
         return {"service_id": service_id}
 
     @api.get("/v1/{project_id}/services/{service_id}/events")
-    def service_events(
-        project_id: str, service_id: str, offset: int = Query(0, ge=0), limit: int = PAGE
-    ) -> dict[str, Any]:
+    def service_events(project_id: str, service_id: str, offset: int = OFFSET, limit: int = PAGE) -> dict[str, Any]:
         row = manager.registry.get_service(project_id, service_id)  # 404 for another project's service too
         events = manager.registry.list_events(service_id)
         page = events[offset : offset + limit]

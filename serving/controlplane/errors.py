@@ -52,3 +52,24 @@ class InvalidTransition(EnginehouseError):
 
     status_code = 409
     error_code = "EH.0507"
+
+
+class NoRoute(EnginehouseError):
+    """No route has that path."""
+
+    status_code = 404
+    error_code = "EH.0509"
+
+
+class MethodNotAllowed(EnginehouseError):
+    """The path exists, not with that method."""
+
+    status_code = 405
+    error_code = "EH.0510"
+
+
+class RequestTooLarge(EnginehouseError):
+    """A management request body over ``ENGINEHOUSE_MAX_BODY_MB``."""
+
+    status_code = 413
+    error_code = "EH.0511"

@@ -47,7 +47,7 @@ def resolve_source(location: str, roots: list[Path], field: str = "source_locati
         raise PathNotAllowed(f"{field} {location!r} must be an absolute path")
     try:
         real = raw.resolve(strict=must_exist)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte
         raise PathNotAllowed(f"{field} {location!r} does not exist or cannot be read") from None
     if not any(real.is_relative_to(root) for root in roots):
         raise PathNotAllowed(

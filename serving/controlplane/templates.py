@@ -103,12 +103,34 @@ def _is_type(value: Any, kind: str) -> bool:
     return isinstance(value, PARAM_TYPES[kind])
 
 
+#: nesting the service parameters need is 3; the composer recurses per level, so deep input is refused first
+MAX_YAML_DEPTH = 16
+
+
+def _check_events(text: str) -> None:
+    """Refuse, before anything is built, what would cost more than the text: aliases (a few bytes of nested
+    aliases expand a billion times) and nesting deeper than MAX_YAML_DEPTH (the composer recurses)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # the parser itself is a loop, not a recursion
+        if isinstance(event, yaml.AliasEvent):
+            raise ValueError("YAML aliases (*name) are not allowed here; write the values out")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ValueError(f"YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
 def parse_yaml(text: str) -> TemplateYaml:
     """The ``yaml`` field as parameters and env; ValueError naming the problem."""
     try:
+        _check_events(text)
         data = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ValueError("YAML nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ import orjson
 from runtimes.base import Signature
 from runtimes.datatypes import OIP_TO_NUMPY, oip_datatype
 from runtimes.errors import InvalidInputError
-from serving.dataplane.codec import _json_data, _tensor_from_json
+from serving.dataplane.codec import _is_shape, _json_data, _reshaped, _tensor_from_json
 
 _LEN = struct.Struct("<I")
 
@@ -56,7 +56,7 @@ def _binary_tensor(model: str, item: dict, size: Any, raw: memoryview, offset: i
         raise InvalidInputError(
             model, f"datatype {datatype!r} is not an OIP datatype ({', '.join(OIP_TO_NUMPY)})", name
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not _is_shape(shape):
         raise InvalidInputError(model, f"'shape' must be a list of non-negative integers, got {shape!r}", name)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise InvalidInputError(model, f"binary_data_size must be a non-negative integer, got {size!r}", name)
@@ -69,7 +69,7 @@ def _binary_tensor(model: str, item: dict, size: Any, raw: memoryview, offset: i
     buf = raw[offset : offset + size]
     count = math.prod(shape)
     if datatype == "BYTES":
-        return name, _split_bytes(model, name, buf, count).reshape(shape), offset + size
+        return name, _reshaped(model, name, _split_bytes(model, name, buf, count), shape), offset + size
     dtype = OIP_TO_NUMPY[datatype].newbyteorder("<")
     if size != count * dtype.itemsize:
         raise InvalidInputError(
@@ -78,7 +78,7 @@ def _binary_tensor(model: str, item: dict, size: Any, raw: memoryview, offset: i
     arr = np.frombuffer(buf, dtype=dtype)
     if datatype == "BOOL" and arr.size and int(arr.view(np.uint8).max()) > 1:
         raise InvalidInputError(model, "BOOL binary data must be bytes 0 or 1", name)
-    return name, arr.reshape(shape), offset + size
+    return name, _reshaped(model, name, arr, shape), offset + size
 
 
 def decode_binary(
@@ -177,7 +177,11 @@ def encode_binary(
     when it is ``False``) carry JSON ``data``; only the outputs named in ``meta["outputs"]`` are returned, if any are.
     """
     wanted = meta.get("outputs")
-    names = {o.get("name") for o in wanted if isinstance(o, dict)} if isinstance(wanted, list) and wanted else None
+    names = (
+        {o["name"] for o in wanted if isinstance(o, dict) and isinstance(o.get("name"), str)}
+        if isinstance(wanted, list) and wanted
+        else None
+    )
     resp: dict[str, Any] = {"model_name": model}
     if version:
         resp["model_version"] = version

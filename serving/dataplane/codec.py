@@ -3,13 +3,39 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 from runtimes.base import Signature
 from runtimes.datatypes import OIP_TO_NUMPY, oip_datatype
 from runtimes.errors import InvalidInputError
+
+
+def _is_shape(shape: Any) -> TypeGuard[list[int]]:
+    """A list of non-negative integers (JSON ``true`` is not a dimension, though Python counts it an int)."""
+    return isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+
+
+def _reshaped(model: str, name: str, flat: np.ndarray, shape: list[int]) -> np.ndarray:
+    """``flat`` in ``shape``; a shape numpy cannot make (over 64 dimensions, or one too large even for zero
+    elements) is the request's error."""
+    try:
+        return flat.reshape(shape)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInputError(model, f"shape {shape} cannot be made: {exc}", name) from None
+
+
+def _bytes_element(value: Any) -> bytes:
+    """One BYTES element from JSON: a string, UTF-8 encoded (bytes from Python callers as they are).
+
+    Anything else is refused: ``bytes(n)`` of a JSON number would allocate n zero bytes.
+    """
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes):
+        return value
+    raise TypeError(f"a BYTES element must be a string, got {type(value).__name__}")
 
 
 def _tensor_from_json(model: str, item: Any) -> tuple[str, np.ndarray]:
@@ -23,16 +49,13 @@ def _tensor_from_json(model: str, item: Any) -> tuple[str, np.ndarray]:
         raise InvalidInputError(
             model, f"datatype {datatype!r} is not an OIP datatype ({', '.join(OIP_TO_NUMPY)})", name
         )
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not _is_shape(shape):
         raise InvalidInputError(model, f"'shape' must be a list of non-negative integers, got {shape!r}", name)
     if data is None:
         raise InvalidInputError(model, "'data' is missing", name)
     try:
         if datatype == "BYTES":
-            flat = np.array(
-                [d.encode() if isinstance(d, str) else bytes(d) for d in np.ravel(np.array(data, dtype=object))],
-                dtype=object,
-            )
+            flat = np.array([_bytes_element(d) for d in np.ravel(np.array(data, dtype=object))], dtype=object)
         else:
             flat = np.asarray(data, dtype=OIP_TO_NUMPY[datatype]).ravel()
     except (TypeError, ValueError, OverflowError) as exc:
@@ -40,7 +63,7 @@ def _tensor_from_json(model: str, item: Any) -> tuple[str, np.ndarray]:
     expected = math.prod(shape)
     if flat.size != expected:
         raise InvalidInputError(model, f"{flat.size} elements given, shape {shape} needs {expected}", name)
-    return name, flat.reshape(shape)
+    return name, _reshaped(model, name, flat, shape)
 
 
 def decode_request(model: str, body: Any, signature: Signature | None) -> tuple[dict[str, np.ndarray], dict]:

@@ -72,6 +72,9 @@ class Gateway:
             if m is None:
                 raise UnknownRoute(f"{request.method} {path} is not served")
             sid = self._service_id(m["name"], request.headers)
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY:  # refused before reading, as the replica does
+                raise BodyTooLarge(f"the body of {length} bytes is over the limit of {MAX_BODY} bytes")
             body = await request.body()
             if len(body) > MAX_BODY:
                 raise BodyTooLarge(f"the body of {len(body)} bytes is over the limit of {MAX_BODY} bytes")
