@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import runpy
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,13 @@ DATA_PLANE_FLAGS = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
 }
+#: exit status of `enginehouse up` when its embedded Ray died under it: a supervisor starts it again, and the
+#: services come back from the registry
+EXIT_RAY_DIED = 4  # uvicorn's start-up failure (a busy port) is 3
+#: in the environment of every process `up` starts (its home, resolved): a restarted `up` finds what a killed one
+#: left behind by it; `up`'s own pid and start time are in ``<home>/up.pid`` while it runs
+OWNER_ENV = "ENGINEHOUSE_UP_HOME"
+PIDFILE = "up.pid"
 
 
 def discover(repository: Path) -> dict[str, dict[str, Any]]:
@@ -175,6 +185,126 @@ def control_plane(
     return app, manager
 
 
+def _become_subreaper() -> None:
+    """Linux: orphans of our descendants become our children instead of init's, so nothing the embedded Ray
+    started escapes the clean-up (HAProxy outlives its dead manager actor, on the data port)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_CHILD_SUBREAPER = 36
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_descendants(sig: int = signal.SIGTERM, wait_first_s: float = 0.0, grace_s: float = 5.0) -> list[str]:
+    """Every process below this one: given ``wait_first_s`` to exit by itself, then ``sig``, then SIGKILL after
+    ``grace_s``. Returns those that had to be signalled, as ``name[pid]``."""
+    import psutil  # Ray vendors it (ray/thirdparty_files)
+
+    _, procs = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=wait_first_s)
+    named = []
+    for p in procs:
+        with suppress(psutil.Error):
+            named.append(f"{p.name()}[{p.pid}]")
+            p.send_signal(sig)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        with suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    return named
+
+
+def _running_up(pidfile: Path) -> int | None:
+    """The pid recorded in ``pidfile`` when that process still runs (the same start time: not a reused pid)."""
+    import psutil
+
+    try:
+        record = json.loads(pidfile.read_text())
+        proc = psutil.Process(int(record["pid"]))
+        return proc.pid if abs(proc.create_time() - float(record["created"])) < 0.01 else None
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+
+
+def end_leftovers(home: Path) -> list[str] | None:
+    """End what an earlier `up` of this home left running when it was killed (SIGKILL, the OOM killer): every
+    process carrying ``OWNER_ENV`` for this home. HAProxy is the one that matters: Ray Serve does not tie it to
+    its manager actor, so it can outlive a killed `up` for ever with the data port bound, and Serve then cannot
+    start again. Returns them as ``name[pid]``; None, touching nothing, while that earlier `up` still runs."""
+    import psutil
+
+    running = _running_up(home / PIDFILE)
+    if running is not None:
+        log.warning("enginehouse up %d still runs on %s: its processes are left alone", running, home)
+        return None
+    owner, me = str(home.resolve()), os.getpid()
+    found, named = [], []
+    for proc in psutil.process_iter():
+        with suppress(psutil.Error):
+            if proc.pid != me and proc.environ().get(OWNER_ENV) == owner:
+                named.append(f"{proc.name()}[{proc.pid}]")
+                proc.kill()
+                found.append(proc)
+    psutil.wait_procs(found, timeout=10)
+    return named
+
+
+class RayWatch:
+    """Watches the embedded Ray's GCS server and raylet from `up`; when either dies, `up` exits at once with
+    ``EXIT_RAY_DIED`` and a log line that says which one, after ending every process the dead cluster left.
+
+    Without it the control plane stays in a half state: a dead raylet leaves the reconciler blocked for ever
+    in a call to the dead Serve controller (status frozen, counts no longer committed) and SIGTERM then hangs
+    on that thread; a dead GCS makes Ray end the process after 60 s; either way the replicas' HAProxy is left
+    holding the data port, so a restarted `up` cannot start Serve.
+    """
+
+    def __init__(self, every_s: float = 0.5, on_death: Callable[[], None] | None = None) -> None:
+        from ray._private import worker
+
+        node: Any = worker._global_node  # typed None in Ray's module
+        self.procs = {name: node.all_processes[name][0].process for name in ("gcs_server", "raylet")}
+        self.every_s = every_s
+        self.on_death = on_death  # e.g. stop accepting API calls
+        self.dead = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-watch", daemon=True)
+
+    def start(self) -> RayWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Disarm before stopping Ray on purpose; once Ray died, wait here for the watch to end the process."""
+        self._stop.set()
+        if self.dead.is_set():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for name, proc in self.procs.items():
+                code = proc.poll()
+                if code is not None and not self._stop.is_set():
+                    self.dead.set()
+                    self._died(f"its {name} (pid {proc.pid}) exited with status {code}")
+                    return
+
+    def _died(self, what: str) -> None:
+        log.error(
+            "the embedded Ray died: %s; enginehouse up exits with status %d. Start it again: its services come "
+            "back from the registry, accepted async requests are kept",
+            what,
+            EXIT_RAY_DIED,
+        )
+        if self.on_death is not None:
+            self.on_death()
+        ended = end_descendants(signal.SIGKILL)  # the cluster is gone: nothing to drain
+        log.error("ended %d processes of the dead Ray cluster: %s", len(ended), ", ".join(ended))
+        logging.shutdown()
+        # threads blocked in calls to the dead cluster never return: a normal exit would wait for them
+        os._exit(EXIT_RAY_DIED)
+
+
 def run_up(settings: Settings) -> int:
     """Start everything and serve until Ctrl-C or SIGTERM, then shut it all down."""
     import ray
@@ -188,7 +318,21 @@ def run_up(settings: Settings) -> int:
     build = repo / "build.py"
     if build.is_file():  # example models are built by code, never downloaded
         runpy.run_path(str(build), run_name="enginehouse_build")["ensure_examples"](repo)
+    pidfile = None  # ours to remove at the end
+    if not settings.address:
+        import psutil  # Ray vendors it (ray/thirdparty_files)
+
+        _become_subreaper()
+        left = end_leftovers(settings.home)
+        if left:
+            log.warning("ended %d processes an earlier, killed enginehouse up left: %s", len(left), ", ".join(left))
+        os.environ[OWNER_ENV] = str(settings.home.resolve())
+        if left is not None:  # not while another `up` of this home runs: its record stays
+            settings.home.mkdir(parents=True, exist_ok=True)
+            pidfile = settings.home / PIDFILE
+            pidfile.write_text(json.dumps({"pid": os.getpid(), "created": psutil.Process().create_time()}))
     start_ray(settings)
+    watch = None if settings.address else RayWatch().start()
     try:
         app, _ = control_plane(settings, registry, seed=discover(repo))
         log.info(
@@ -203,13 +347,26 @@ def run_up(settings: Settings) -> int:
         # the handler uvicorn restores is a no-op and the `finally` below does the shutting down.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+        if watch is not None:
+            watch.on_death = lambda: setattr(server, "should_exit", True)
+        server.run()
+        if not server.started:  # as uvicorn.run: the control-plane port could not be bound
+            raise SystemExit(3)
     finally:
+        if watch is not None:
+            watch.stop()
         if settings.address:  # a joined cluster is not ours to stop: remove only our applications
             from serving.dataplane import deploy as serve_apps
 
             serve_apps.sync({})
         # the embedded Ray takes its Serve actors down with it (serve.shutdown() first waits 30 s here)
         ray.shutdown()
+        if not settings.address:  # what Ray's shutdown missed (an orphaned HAProxy, a custom engine's server)
+            left = end_descendants(wait_first_s=5.0)  # Serve's actors and HAProxy go by themselves in 1-3 s
+            if left:
+                log.warning("ended %d processes left after Ray's shutdown: %s", len(left), ", ".join(left))
+            if pidfile is not None:
+                pidfile.unlink(missing_ok=True)
         registry.close()
     return 0
