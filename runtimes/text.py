@@ -8,7 +8,10 @@ mean-pooling model such as all-MiniLM-L6-v2: tokenise the batch (padded to its l
 ``max_seq_length``), average the token embeddings over the attention mask, and divide by the L2 norm.
 
 Tokenising and pooling run on this adapter's own thread and the encoder on the engine's, so neither blocks the
-event loop and, with batches in flight together, one batch is tokenised while the engine runs another.
+event loop and, with batches in flight together, one batch is tokenised while the engine runs another. A small
+batch (at most ``INLINE_TEXTS`` texts and ``INLINE_BYTES`` bytes of text: a few sentences) is tokenised and pooled
+on the caller's thread instead: that takes tens of microseconds, less than the two hand-offs to this adapter's
+thread, which under load also wait for a core (benchmarks/README.md, "text.py").
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ DEFAULT_TOKENIZER = "tokenizer.json"
 ENCODER_INPUTS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 #: the encoder output taken as token embeddings, by name; otherwise the only 3-D output
 TOKEN_OUTPUTS = ("last_hidden_state", "token_embeddings")
+#: a batch of at most this many texts, and this many bytes of text in all, is tokenised and pooled inline
+INLINE_TEXTS, INLINE_BYTES = 4, 1024
 
 
 def decode_texts(model: str, values: np.ndarray) -> list[str]:
@@ -57,6 +62,16 @@ def mean_pool_normalize(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
     summed /= np.maximum(weights.sum(axis=2), 1e-9)
     summed /= np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
     return summed
+
+
+def _small(values: np.ndarray) -> bool:
+    """At most INLINE_TEXTS texts of INLINE_BYTES in all (characters for numpy ``U`` strings)."""
+    if values.shape[0] > INLINE_TEXTS:
+        return False
+    total = 0
+    for value in values.tolist():
+        total += len(value) if isinstance(value, bytes | str) else INLINE_BYTES + 1  # not text: decode reports it
+    return total <= INLINE_BYTES
 
 
 class TextEmbeddingAdapter(ModelAdapter):
@@ -149,10 +164,15 @@ class TextEmbeddingAdapter(ModelAdapter):
         return feeds, mask
 
     async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Tokenise on this adapter's thread, encode on the engine's, pool and normalise on this one's."""
+        """Tokenise on this adapter's thread, encode on the engine's, pool and normalise on this one's (a small
+        batch: tokenise and pool here)."""
         values = inputs[TEXT_INPUT]
         if values.shape[0] == 0:
             return {EMBEDDING_OUTPUT: np.zeros((0, max(self._dim, 0)), np.float32)}
+        if _small(values):
+            feeds, mask = self._tokenize(values)
+            tokens = (await self.inner.predict(feeds))[self._output]
+            return {EMBEDDING_OUTPUT: mean_pool_normalize(tokens, mask)}
         feeds, mask = await self.run_blocking(self._tokenize, values)
         tokens = (await self.inner.predict(feeds))[self._output]
         return {EMBEDDING_OUTPUT: await self.run_blocking(mean_pool_normalize, tokens, mask)}

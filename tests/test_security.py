@@ -315,7 +315,13 @@ def test_every_listener_beyond_loopback_is_a_documented_one(guarded: Guarded) ->
     stats = int(os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", constants.RAY_SERVE_HAPROXY_STATS_PORT))
     metrics = int(os.environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", constants.RAY_SERVE_HAPROXY_METRICS_PORT))
     # the ingress the clients use is on the data plane's host (127.0.0.1 here)
-    assert {ip for ip, port, _ in listeners if port == guarded.data_port} == {"127.0.0.1"}
+    # (looked up machine-wide: HAProxy may have been re-parented away from this session's process tree)
+    ingress = {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == guarded.data_port
+    }
+    assert ingress == {"127.0.0.1"}, ingress
     documented = {
         "haproxy stats page (RAY_SERVE_HAPROXY_STATS_PORT)": lambda ip, port, p: port == stats,
         "haproxy prometheus exporter (RAY_SERVE_HAPROXY_METRICS_PORT)": lambda ip, port, p: port == metrics,

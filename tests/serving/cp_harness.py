@@ -138,3 +138,18 @@ def create(c: httpx.Client, name: str, config: list[dict[str, Any]], project: st
 def events(c: httpx.Client, sid: str, project: str = "default") -> list[dict[str, Any]]:
     """The service's events, oldest first."""
     return list(c.get(f"/v1/{project}/services/{sid}/events").json()["events"])
+
+
+def settled_counts(c: httpx.Client, sid: str, project: str = "default", quiet_s: float = 2.0) -> tuple[int, int]:
+    """``(invocation_times, failed_times)`` once they stop moving: calls made just before are counted by now
+    (replicas hand counts over every 0.5 s, the control plane commits them on its next tick)."""
+    last: tuple[int, int] | None = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        s = service(c, sid, project)
+        now = (int(s["invocation_times"]), int(s["failed_times"]))
+        if now == last:
+            return now
+        last = now
+        time.sleep(quiet_s)
+    raise AssertionError(f"the counters of {sid} kept moving for 60 s; last {last}")

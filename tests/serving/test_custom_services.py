@@ -35,6 +35,7 @@ from tests.serving.cp_harness import (
     model_status,
     reach,
     service,
+    settled_counts,
     start_control_plane,
     wait_for,
 )
@@ -280,7 +281,7 @@ def test_both_servers_answer_with_sub_path_body_and_stream_intact(env: Env, cust
 
 def test_weighted_traffic_and_counters_as_for_any_engine(env: Env, custom_service: dict[str, Any]) -> None:
     sid, address = custom_service["service_id"], custom_service["access_address"]
-    before = service(env.c, sid)
+    before = dict(zip(("invocation_times", "failed_times"), settled_counts(env.c, sid), strict=True))
     seen = {"app": 0, "echo": 0}
     for _ in range(60):
         r = _call(address, "/x", content=b"hello")
