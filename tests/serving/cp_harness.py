@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,3 +154,22 @@ def settled_counts(c: httpx.Client, sid: str, project: str = "default", quiet_s:
         last = now
         time.sleep(quiet_s)
     raise AssertionError(f"the counters of {sid} kept moving for 60 s; last {last}")
+
+
+@contextmanager
+def running_plane(
+    serve_url: str, example_models: Path, home: Path, *roots: Path, **extra: Any
+) -> Iterator[ControlPlane]:
+    """A control plane with its own registry under ``home`` for a test module; on exit it stops and leaves the
+    session's Serve without applications."""
+    from serving.dataplane import deploy
+    from serving.registry import open_registry
+
+    registry = open_registry(None, home)
+    plane = start_control_plane(cp_settings(serve_url, example_models, home, *roots, **extra), registry)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+        deploy.sync({})
+        registry.close()

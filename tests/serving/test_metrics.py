@@ -16,18 +16,16 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.registry import open_registry
 from tests.conftest import free_port
 from tests.runtimes.fakes import fake_pynvml
 from tests.serving.cp_harness import (
     ControlPlane,
-    cp_settings,
     create,
     model_status,
     reach,
     register,
+    running_plane,
     service,
-    start_control_plane,
     wait_for,
 )
 
@@ -36,15 +34,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cp(serve_instance: str, example_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    from serving.dataplane import deploy
-
-    home = tmp_path_factory.mktemp("metrics-home")
-    registry = open_registry(None, home)
-    c = start_control_plane(cp_settings(serve_instance, example_models, home), registry)
-    yield c
-    c.stop()
-    deploy.sync({})
-    registry.close()
+    with running_plane(serve_instance, example_models, tmp_path_factory.mktemp("metrics-home")) as plane:
+        yield plane
 
 
 @pytest.fixture(scope="module")

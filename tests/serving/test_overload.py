@@ -17,16 +17,14 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.registry import open_registry
 from tests.serving.cp_harness import (
     ControlPlane,
-    cp_settings,
     create,
     model_status,
     reach,
     register,
+    running_plane,
     service,
-    start_control_plane,
     wait_for,
 )
 
@@ -36,15 +34,8 @@ GOOD = {"instances": [[0.1, 0.2, 0.3, 0.4]]}
 
 @pytest.fixture(scope="module")
 def cp(serve_instance: str, example_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    from serving.dataplane import deploy
-
-    home = tmp_path_factory.mktemp("overload-home")
-    registry = open_registry(None, home)
-    plane = start_control_plane(cp_settings(serve_instance, example_models, home), registry)
-    yield plane
-    plane.stop()
-    deploy.sync({})
-    registry.close()
+    with running_plane(serve_instance, example_models, tmp_path_factory.mktemp("overload-home")) as plane:
+        yield plane
 
 
 @pytest.fixture(scope="module")
