@@ -173,3 +173,28 @@ def running_plane(
         plane.stop()
         deploy.sync({})
         registry.close()
+
+
+def async_results(url: str, accepted: dict[int, str], timeout_s: float = 120) -> dict[int, dict[str, Any]]:
+    """Poll every accepted async request at ``url`` (an access address) until each has finished; a replica or
+    ingress that is coming back (a transport error, a 5xx) is waited for, any other answer must be 200."""
+    done: dict[int, dict[str, Any]] = {}
+
+    def all_done() -> bool:
+        with httpx.Client(timeout=30) as c:
+            for i, rid in accepted.items():
+                if i in done:
+                    continue
+                try:
+                    r = c.get(f"{url}/async/{rid}")
+                except httpx.TransportError:
+                    return False
+                if r.status_code >= 500:
+                    return False
+                assert r.status_code == 200, f"request {i} ({rid}): {r.status_code} {r.text}"
+                if r.json()["status"] in ("succeeded", "failed"):
+                    done[i] = r.json()
+        return len(done) == len(accepted)
+
+    wait_for(f"{len(accepted)} async results", all_done, timeout_s=timeout_s, every_s=0.5)
+    return done

@@ -24,6 +24,7 @@ from serving.settings import Settings
 from tests.conftest import free_port
 from tests.serving.cp_harness import (
     ControlPlane,
+    async_results,
     cp_settings,
     create,
     model_status,
@@ -113,29 +114,6 @@ def _body(i: int) -> dict[str, Any]:
     }
 
 
-def _results(url: str, accepted: dict[int, str], timeout_s: float = 120) -> dict[int, dict[str, Any]]:
-    done: dict[int, dict[str, Any]] = {}
-
-    def all_done() -> bool:
-        with httpx.Client(timeout=30) as c:
-            for i, rid in accepted.items():
-                if i in done:
-                    continue
-                try:
-                    r = c.get(f"{url}/async/{rid}")
-                except httpx.TransportError:
-                    return False  # the replica is coming back
-                if r.status_code >= 500:
-                    return False
-                assert r.status_code == 200, r.text
-                if r.json()["status"] in ("succeeded", "failed"):
-                    done[i] = r.json()
-        return len(done) == len(accepted)
-
-    wait_for(f"{len(accepted)} async results", all_done, timeout_s=timeout_s, every_s=0.5)
-    return done
-
-
 def _check(done: dict[int, dict[str, Any]]) -> None:
     for i, res in done.items():
         assert res["status"] == "succeeded", res
@@ -160,7 +138,7 @@ def test_async_accepts_runs_and_counts_each_request_once(env: Env) -> None:
         assert c.get(f"{url}/async/no-such-request").status_code == 404
         depth = c.get(f"{url}/async").json()
         assert set(depth) == {"queued", "running"}
-    _check(_results(url, accepted))
+    _check(async_results(url, accepted))
 
     def counted() -> bool:
         s = service(env.cp.client, env.svc["service_id"])
@@ -208,6 +186,6 @@ def test_accepted_requests_survive_a_killed_replica_and_a_control_plane_restart(
     env.cp = start_control_plane(env.settings, env.registry)
     reach(env.cp.client, env.svc["service_id"], "running", timeout_s=120)
     time.sleep(0.5)
-    _check(_results(url, accepted, timeout_s=180))
+    _check(async_results(url, accepted, timeout_s=180))
     # each accepted request ran to one committed result: none is left queued or running
     assert service(env.cp.client, env.svc["service_id"])["async_queue"] == {"queued": 0, "running": 0}

@@ -15,6 +15,7 @@ Each fault prints one line (requests failed / total, recovery seconds, counters)
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,26 +38,18 @@ import pytest
 from serving.dataplane.counters import FLUSH_S
 from serving.launcher import EXIT_RAY_DIED
 from tests.conftest import free_port
+from tests.serving import cp_harness as harness
+from tests.serving.cp_harness import async_results
 from tests.serving.test_up import _start_up, _stop
 
 pytestmark = pytest.mark.slow
 P = "default"
 WAIT_S = 120.0  # the longest any single wait may take
+#: the harness's poll, with this file's longest wait as its default
+wait_for = functools.partial(harness.wait_for, timeout_s=WAIT_S)
 GOOD = [[1.0, 2.0, 3.0, 4.0]]
 BAD = [[1.0, 2.0]]  # the wrong shape: the replica answers 400 and counts a failed call
 ASYNC_LEASE_S = 2  # a claim held by a killed replica is taken over after this (the default is 30 s)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = WAIT_S, every_s: float = 0.25) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` and the last value."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; last: {last!r}")
 
 
 def session_procs(sid: int) -> list[psutil.Process]:
@@ -336,30 +329,6 @@ def _local(model_dir: Path, xs: list[np.ndarray]) -> list[np.ndarray]:
     return asyncio.run(run())
 
 
-def _results(url: str, accepted: dict[int, str]) -> dict[int, dict[str, Any]]:
-    """Poll every accepted async request until each is finished (bounded)."""
-    done: dict[int, dict[str, Any]] = {}
-
-    def all_done() -> bool:
-        with httpx.Client(timeout=30) as c:
-            for i, rid in accepted.items():
-                if i in done:
-                    continue
-                try:
-                    r = c.get(f"{url}/async/{rid}")
-                except httpx.TransportError:
-                    return False
-                if r.status_code >= 500:
-                    return False
-                assert r.status_code == 200, f"request {i} ({rid}): {r.status_code} {r.text}"
-                if r.json()["status"] in ("succeeded", "failed"):
-                    done[i] = r.json()
-        return len(done) == len(accepted)
-
-    wait_for(f"{len(accepted)} async results", all_done, every_s=0.5)
-    return done
-
-
 def _check_results(model_dir: Path, done: dict[int, dict[str, Any]]) -> None:
     order = sorted(done)
     expected = _local(model_dir, [_x(i) for i in order])
@@ -573,7 +542,7 @@ def test_control_plane_sigkilled_during_async_traffic(world: World, capsys: pyte
     assert at_kill and old, "the kill did not happen"
     restart = up.restart(old[0])
     up.reach(sid, "running")
-    done = _results(url, accepted)
+    done = async_results(url, accepted, timeout_s=WAIT_S)
     all_done = time.monotonic() - killed
     _check_results(world.model_dir, done)
     assert up.service(sid)["async_queue"] == {"queued": 0, "running": 0}
@@ -687,7 +656,7 @@ def test_embedded_ray_killed_under_the_control_plane(world: World, capsys: pytes
     if world.extra:
         up.reach(world.extra, "running")
     back = time.monotonic() - killed
-    done = _results(url, accepted)
+    done = async_results(url, accepted, timeout_s=WAIT_S)
     all_done = time.monotonic() - killed
     _check_results(world.model_dir, done)
     with httpx.Client(timeout=30) as c:
